@@ -1,0 +1,110 @@
+"""Entry points: argv → settings → the job. The only place that wires things."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from dnet.config import GenerateSettings
+from dnet.errors import DnetError
+
+log = logging.getLogger(__name__)
+
+
+def _generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dnet-generate",
+        description="Generate text by running a model as several layer slices in one process "
+        "(activations cross every slice boundary as bytes, as they will between peers).",
+    )
+    p.add_argument("--model", help="model directory or cached HF repo id (default: the bundled tiny demo model)")
+    p.add_argument("--slices", type=int, help="how many slices to cut the model into (default 2)")
+    p.add_argument("--prompt", help="the user message")
+    p.add_argument("--max-tokens", type=int, help="new tokens to generate (default 48)")
+    p.add_argument("--temperature", type=float, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--prefill-chunk", type=int, help="prompt tokens per prefill step (default 2048)")
+    p.add_argument("--no-openblas", action="store_true", help="keep MLX's bundled BLAS")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default)")
+    return p
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    settings = GenerateSettings.from_args(_generate_parser().parse_args(argv))
+    logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
+    if settings.use_openblas:
+        from dnet.runtime.blas import preload_openblas
+
+        preload_openblas()
+    try:
+        return _generate(settings)
+    except DnetError as exc:
+        print(f"dnet-generate: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def _generate(settings: GenerateSettings) -> int:
+    from dnet.runtime.blas import loaded_blas
+    from dnet.runtime.local import even_cuts, generate, load_chain
+    from dnet.runtime.model_dir import open_model_dir
+    from dnet.runtime.tiny import TinySpec, ensure_tiny_model
+    from dnet.runtime.tokenizer import chat_prompt, load_tokenizer
+    from dnet.sampling import SamplingParams
+
+    if settings.model is None:
+        path = ensure_tiny_model(settings.cache_dir / "models", TinySpec(arch="qwen3", layers=6, hidden=128))
+        print(f"using the bundled tiny demo model (random weights: expect gibberish) at {path}", file=sys.stderr)
+        model = open_model_dir(path)
+    else:
+        model = open_model_dir(settings.model)
+    params = SamplingParams(
+        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed
+    )
+    cuts = even_cuts(model.num_layers, settings.slices)
+    t0 = time.perf_counter()
+    engines = load_chain(model, cuts)
+    load_s = time.perf_counter() - t0
+    for i, e in enumerate(engines):
+        s = e.slice
+        extra = " + embeddings" * s.is_first + " + norm, head, sampler" * s.is_last
+        print(
+            f"slice {i}: layers {s.start}..{s.end - 1}{extra} ({s.weight_bytes / 2**20:.1f} MiB)",
+            file=sys.stderr,
+        )
+    print(f"loaded {model.name} ({model.model_type}) in {load_s:.2f}s; BLAS: {loaded_blas() or 'bundled'}", file=sys.stderr)
+    tokenizer = load_tokenizer(model.path, eos_token_ids=model.config.get("eos_token_id"))
+    prompt = chat_prompt(tokenizer, [{"role": "user", "content": settings.prompt}])
+    print(f"> {settings.prompt}", file=sys.stderr)
+    detok = tokenizer.detokenizer
+    detok.reset()
+    start = time.perf_counter()
+    first_at = None
+    n = 0
+    for token in generate(
+        engines, prompt, settings.max_tokens, params,
+        prefill_chunk=settings.prefill_chunk, stop_tokens=sorted(tokenizer.eos_token_ids),
+    ):
+        first_at = first_at or time.perf_counter()
+        n += 1
+        if token.token_id in tokenizer.eos_token_ids:
+            break
+        detok.add_token(token.token_id)
+        print(detok.last_segment, end="", flush=True)
+    detok.finalize()
+    print(detok.last_segment, flush=True)
+    end = time.perf_counter()
+    ttft = (first_at or end) - start
+    rate = (n - 1) / (end - first_at) if first_at and n > 1 and end > first_at else 0.0
+    print(
+        f"[{len(prompt)} prompt tokens, {n} new; first token {ttft * 1000:.0f} ms; {rate:.1f} tok/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(generate_main())

@@ -1,0 +1,56 @@
+"""Settings: read once (flags > ``DNET_*`` environment > defaults) and passed down.
+
+This is the only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import attrs
+
+
+def default_cache_dir(env: Mapping[str, str]) -> Path:
+    if "DNET_CACHE_DIR" in env:
+        return Path(env["DNET_CACHE_DIR"]).expanduser()
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dnet"
+
+
+@attrs.frozen
+class GenerateSettings:
+    """Settings of ``dnet-generate``, the local sliced generation command."""
+
+    model: str | None
+    slices: int
+    prompt: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    prefill_chunk: int
+    use_openblas: bool
+    cache_dir: Path
+    log_level: str
+
+    @classmethod
+    def from_args(cls, args: object, env: Mapping[str, str] | None = None) -> GenerateSettings:
+        env = os.environ if env is None else env
+        get = lambda name: getattr(args, name, None)  # noqa: E731
+        return cls(
+            model=get("model") or env.get("DNET_MODEL"),
+            slices=get("slices") or 2,
+            prompt=get("prompt") or "Tell me a story about a fox and a crow.",
+            max_tokens=get("max_tokens") or 48,
+            temperature=get("temperature") if get("temperature") is not None else 0.0,
+            top_p=get("top_p") if get("top_p") is not None else 1.0,
+            top_k=get("top_k") or 0,
+            seed=get("seed"),
+            prefill_chunk=get("prefill_chunk") or 2048,
+            use_openblas=not get("no_openblas") and env.get("DNET_OPENBLAS", "1") != "0",
+            cache_dir=default_cache_dir(env),
+            log_level=(get("log_level") or env.get("DNET_LOG_LEVEL") or "WARNING").upper(),
+        )

@@ -1,0 +1,71 @@
+"""Sampling on the last slice, from mlx_lm's own filters and logits processors.
+
+Each request keeps its own random key, so a seeded request draws the same tokens
+however many other requests share the process.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
+
+from dnet.sampling import SampledToken, SamplingParams
+
+
+class RequestSampler:
+    """Turns last-position logits into tokens for one request."""
+
+    def __init__(self, params: SamplingParams, prompt_tokens: list[int]) -> None:
+        self.params = params
+        self.history = list(prompt_tokens)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self._key = mx.random.key(seed)
+        penalty = params.repetition_penalty if params.repetition_penalty != 1.0 else None
+        self._processors = make_logits_processors(
+            repetition_penalty=penalty, repetition_context_size=params.repetition_context_size
+        )
+
+    def _filter(self, logprobs: mx.array) -> mx.array:
+        p = self.params
+        if 0 < p.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, p.top_p)
+        if p.min_p > 0.0:
+            logprobs = apply_min_p(logprobs, p.min_p)
+        if 0 < p.top_k < logprobs.shape[-1]:
+            logprobs = apply_top_k(logprobs, p.top_k)
+        return logprobs
+
+    def sample(self, logits: mx.array) -> SampledToken:
+        """Pick a token from ``logits`` of shape ``[1, vocab]`` and remember it."""
+        if self._processors and self.history:
+            tokens = mx.array(self.history[-self.params.repetition_context_size :])
+            for processor in self._processors:
+                logits = processor(tokens, logits)
+        # Normalise before argmax as mlx_lm does: in bfloat16 the raw argmax can differ.
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if self.params.greedy:
+            token = mx.argmax(logprobs, axis=-1)
+        else:
+            self._key, sub = mx.random.split(self._key)
+            scaled = self._filter(logprobs) * (1.0 / self.params.temperature)
+            token = mx.random.categorical(scaled, key=sub)
+        k = self.params.top_logprobs
+        if k:
+            top = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
+            mx.eval(token, logprobs, top)
+            values = logprobs[0, top[0]].astype(mx.float32).tolist()
+            pairs = sorted(zip(top[0].tolist(), values, strict=True), key=lambda kv: -kv[1])
+            top_pairs = tuple((int(i), float(v)) for i, v in pairs)
+        else:
+            mx.eval(token, logprobs)
+            top_pairs = ()
+        token_id = int(token.item())
+        self.history.append(token_id)
+        return SampledToken(token_id, float(logprobs[0, token_id].astype(mx.float32).item()), top_pairs)
+
+    def forget(self, n: int) -> None:
+        """Drop the last ``n`` tokens from the history (after a trim)."""
+        if n > 0:
+            del self.history[-n:]

@@ -1,0 +1,281 @@
+"""A contiguous slice of a model's decoder layers, built from mlx_lm's own classes.
+
+``load_slice(model, start, end)`` reads only the tensors of layers ``[start, end)``,
+plus the embeddings on the first slice and the final norm and output head on the
+last (the embeddings again when the head is tied to them). Running the slices of a
+model one after another computes exactly what the whole mlx_lm model computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+from mlx_lm.utils import infer_quant_config
+
+from dnet.errors import (
+    BackendUnsupported,
+    InvalidActivation,
+    InvalidModel,
+    LayerRangeError,
+    MissingTensor,
+    TensorShapeMismatch,
+)
+from dnet.runtime.architectures import model_classes
+from dnet.runtime.arrays import dtype_name
+from dnet.runtime.model_dir import ModelDir, open_model_dir
+
+log = logging.getLogger(__name__)
+
+
+class LayerSlice:
+    """Layers ``[start, end)`` of a model, ready to run.
+
+    Call it with token ids (first slice) or hidden states (any other) and a list of
+    per-layer caches; it returns hidden states, or on the last slice the logits of
+    the last position. Use ``load_slice`` to build one.
+    """
+
+    def __init__(
+        self,
+        model: ModelDir,
+        start: int,
+        end: int,
+        embed: nn.Module | None,
+        layers: list[nn.Module],
+        norm: nn.Module | None,
+        head: nn.Module | None,
+    ) -> None:
+        self.model = model
+        self.start = start
+        self.end = end
+        self.embed = embed
+        self.layers = layers
+        self.norm = norm
+        self.head = head
+        self.hidden_size = int(model.config["hidden_size"])
+        self.vocab_size = int(model.config["vocab_size"])
+        self.activation_dtype = self._activation_dtype()
+        self.weight_bytes = sum(p.nbytes for _, p in tree_flatten(self.parameters()))
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.model.num_layers
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    def parameters(self) -> dict[str, Any]:
+        parts: dict[str, Any] = {"layers": [layer.parameters() for layer in self.layers]}
+        for name in ("embed", "norm", "head"):
+            module = getattr(self, name)
+            if module is not None:
+                parts[name] = module.parameters()
+        return parts
+
+    def _activation_dtype(self) -> mx.Dtype:
+        # The residual stream keeps the dtype of the norms' weights in every supported
+        # architecture (quantized layers keep their scales in it too).
+        return self.layers[0].input_layernorm.weight.dtype
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def check_input(self, x: mx.array) -> None:
+        """Raises:
+        InvalidActivation: ``x`` is not what this slice takes.
+        """
+        if self.is_first:
+            if x.ndim != 2 or x.dtype not in (mx.int32, mx.uint32, mx.int64) or x.shape[1] == 0:
+                raise InvalidActivation(
+                    f"the first slice takes token ids of shape [batch, tokens] (int32), got "
+                    f"{dtype_name(x.dtype)} {tuple(x.shape)}"
+                )
+            lo, hi = mx.min(x).item(), mx.max(x).item()
+            if lo < 0 or hi >= self.vocab_size:
+                raise InvalidActivation(
+                    f"token id out of range [0, {self.vocab_size}): saw {lo}..{hi}"
+                )
+        else:
+            if (
+                x.ndim != 3
+                or x.shape[2] != self.hidden_size
+                or x.shape[1] == 0
+                or x.dtype != self.activation_dtype
+            ):
+                raise InvalidActivation(
+                    f"layers {self.start}..{self.end} take activations of shape "
+                    f"[batch, tokens, {self.hidden_size}] in "
+                    f"{dtype_name(self.activation_dtype)}, got {dtype_name(x.dtype)} "
+                    f"{tuple(x.shape)}"
+                )
+
+    def __call__(self, x: mx.array, cache: list[KVCache]) -> mx.array:
+        """Run the slice lazily. Returns hidden states ``[B, T, H]``, or on the last
+        slice the logits of the last position ``[B, vocab]``."""
+        h = self.embed(x) if self.is_first else x
+        mask = create_attention_mask(h, cache[0])
+        for layer, c in zip(self.layers, cache, strict=True):
+            h = layer(h, mask, c)
+        if not self.is_last:
+            return h
+        h = self.norm(h[:, -1:, :])
+        logits = self.head(h) if self.head is not None else self.embed.as_linear(h)
+        return logits[:, -1, :]
+
+
+def _owned_prefixes(start: int, end: int, first: bool, last: bool, tied: bool) -> tuple[str, ...]:
+    prefixes = [f"model.layers.{i}." for i in range(start, end)]
+    if first or (last and tied):
+        prefixes.append("model.embed_tokens.")
+    if last:
+        prefixes.append("model.norm.")
+        if not tied:
+            prefixes.append("lm_head.")
+    return tuple(prefixes)
+
+
+def _read_tensors(model: ModelDir, names: list[str]) -> dict[str, mx.array]:
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(model.tensors[name].file, []).append(name)
+    weights: dict[str, mx.array] = {}
+    for file, file_names in by_file.items():
+        # mx.load maps the file lazily: tensors not taken here are never read.
+        arrays = mx.load(str(file))
+        weights.update({n: arrays[n] for n in file_names})
+    return weights
+
+
+def _quantize(full: nn.Module, config: dict[str, Any], weights: dict[str, mx.array]) -> None:
+    quantization = config.get("quantization")
+    if quantization is None:
+        return
+
+    def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
+        if path in quantization:
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(
+        full,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def _validate(expected: dict[str, mx.array], weights: dict[str, mx.array], where: str) -> None:
+    missing = sorted(expected.keys() - weights.keys())
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise MissingTensor(f"{where} lacks {len(missing)} tensor(s): {shown}")
+    extra = sorted(weights.keys() - expected.keys())
+    if extra:
+        shown = ", ".join(extra[:5])
+        raise InvalidModel(f"{where} has {len(extra)} tensor(s) the model does not use: {shown}")
+    for name, param in expected.items():
+        if tuple(weights[name].shape) != tuple(param.shape):
+            raise TensorShapeMismatch(
+                f"{where}: tensor {name} has shape {tuple(weights[name].shape)}, "
+                f"the config implies {tuple(param.shape)}"
+            )
+
+
+def _smoke_test(owned: LayerSlice) -> None:
+    # One position through a throwaway cache: a slice this device cannot run fails
+    # here, at load, and not on a user's first request.
+    if owned.is_first:
+        x = mx.zeros((1, 1), dtype=mx.int32)
+    else:
+        x = mx.zeros((1, 1, owned.hidden_size), dtype=owned.activation_dtype)
+    try:
+        mx.eval(owned(x, owned.make_cache()))
+    except (RuntimeError, ValueError) as exc:
+        raise BackendUnsupported(
+            f"{owned.model.name} layers [{owned.start}, {owned.end}) cannot run on "
+            f"{mx.default_device()}: {exc}"
+        ) from exc
+
+
+def load_slice(model: ModelDir | str | Path, start: int, end: int) -> LayerSlice:
+    """Build layers ``[start, end)`` of ``model``, reading only the tensors they need.
+
+    Raises:
+        ModelNotFound, InvalidModel, MissingTensor, TensorShapeMismatch,
+        UnsupportedArchitecture, LayerRangeError.
+    """
+    if not isinstance(model, ModelDir):
+        model = open_model_dir(model)
+    n = model.num_layers
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= n):
+        raise LayerRangeError(f"layer range [{start}, {end}) is not inside [0, {n}) or is empty")
+    config = model.config
+    model_cls, args_cls = model_classes(config)
+    try:
+        full = model_cls(args_cls.from_dict(config))
+    except (TypeError, ValueError, KeyError, AssertionError) as exc:
+        raise InvalidModel(f"config.json of {model.path} does not build a model: {exc}") from exc
+    # Parameters of the built model are lazy random arrays: never evaluated, never
+    # allocated. Only the owned modules are kept.
+    tied = "lm_head" not in full
+    first, last = start == 0, end == n
+    prefixes = _owned_prefixes(start, end, first, last, tied)
+    names = [k for k in model.tensors if k.startswith(prefixes)]
+    weights = _read_tensors(model, names)
+    weights = full.sanitize(weights)
+    if tied:
+        weights.pop("lm_head.weight", None)
+    _quantize(full, config, weights)
+
+    inner = full.model
+    pieces: dict[str, nn.Module] = {f"model.layers.{i}.": inner.layers[i] for i in range(start, end)}
+    if first or (last and tied):
+        pieces["model.embed_tokens."] = inner.embed_tokens
+    if last:
+        pieces["model.norm."] = inner.norm
+        if not tied:
+            pieces["lm_head."] = full.lm_head
+    expected = {
+        prefix + name: p
+        for prefix, module in pieces.items()
+        for name, p in tree_flatten(module.parameters())
+    }
+    _validate(expected, weights, f"{model.path.name} layers [{start}, {end})")
+    for prefix, module in pieces.items():
+        module.load_weights(
+            [(k[len(prefix):], v) for k, v in weights.items() if k.startswith(prefix)],
+            strict=False,
+        )
+        module.eval()
+    owned = LayerSlice(
+        model,
+        start,
+        end,
+        embed=pieces.get("model.embed_tokens."),
+        layers=[inner.layers[i] for i in range(start, end)],
+        norm=pieces.get("model.norm."),
+        head=pieces.get("lm_head."),
+    )
+    del full, inner, weights
+    mx.eval(owned.parameters())
+    _smoke_test(owned)
+    log.info(
+        "loaded %s layers [%d, %d) of %d: %.1f MiB",
+        model.name, start, end, n, owned.weight_bytes / 2**20,
+    )
+    return owned

@@ -1,0 +1,30 @@
+"""Tokenizers for prompts and streamed text, from mlx_lm's loader and detokenizers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load_tokenizer as _load_tokenizer
+
+from dnet.errors import InvalidModel
+
+
+def load_tokenizer(path: str | Path, eos_token_ids: Any = None) -> TokenizerWrapper:
+    """The tokenizer of a local model directory, wrapped with a streaming detokenizer.
+
+    Raises:
+        InvalidModel: the directory has no usable tokenizer.
+    """
+    try:
+        return _load_tokenizer(Path(path), eos_token_ids=eos_token_ids)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InvalidModel(f"cannot load the tokenizer of {path}: {exc}") from exc
+
+
+def chat_prompt(tokenizer: TokenizerWrapper, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` through the model's chat template."""
+    if tokenizer.has_chat_template:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return list(tokenizer.encode("\n".join(m["content"] for m in messages)))

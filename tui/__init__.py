@@ -1,0 +1,1 @@
+"""The dnet console (Textual). Talks to a head over HTTP only."""
