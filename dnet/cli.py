@@ -19,7 +19,10 @@ def _generate_parser() -> argparse.ArgumentParser:
         description="Generate text by running a model as several layer slices in one process "
         "(activations cross every slice boundary as bytes, as they will between peers).",
     )
-    p.add_argument("--model", help="model directory or cached HF repo id (default: the bundled tiny demo model)")
+    p.add_argument(
+        "--model",
+        help="model directory or cached HF repo id (default: the bundled tiny demo model)",
+    )
     p.add_argument("--slices", type=int, help="how many slices to cut the model into (default 2)")
     p.add_argument("--prompt", help="the user message")
     p.add_argument("--max-tokens", type=int, help="new tokens to generate (default 48)")
@@ -27,7 +30,9 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--prefill-chunk", type=int, help="prompt tokens per prefill step (default 2048)")
+    p.add_argument(
+        "--prefill-chunk", type=int, help="prompt tokens per prefill step (default 2048)"
+    )
     p.add_argument("--no-openblas", action="store_true", help="keep MLX's bundled BLAS")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default)")
     return p
@@ -56,13 +61,21 @@ def _generate(settings: GenerateSettings) -> int:
     from dnet.sampling import SamplingParams
 
     if settings.model is None:
-        path = ensure_tiny_model(settings.cache_dir / "models", TinySpec(arch="qwen3", layers=6, hidden=128))
-        print(f"using the bundled tiny demo model (random weights: expect gibberish) at {path}", file=sys.stderr)
+        path = ensure_tiny_model(
+            settings.cache_dir / "models", TinySpec(arch="qwen3", layers=6, hidden=128)
+        )
+        print(
+            f"using the bundled tiny demo model (random weights: expect gibberish) at {path}",
+            file=sys.stderr,
+        )
         model = open_model_dir(path)
     else:
         model = open_model_dir(settings.model)
     params = SamplingParams(
-        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        seed=settings.seed,
     )
     cuts = even_cuts(model.num_layers, settings.slices)
     t0 = time.perf_counter()
@@ -75,7 +88,10 @@ def _generate(settings: GenerateSettings) -> int:
             f"slice {i}: layers {s.start}..{s.end - 1}{extra} ({s.weight_bytes / 2**20:.1f} MiB)",
             file=sys.stderr,
         )
-    print(f"loaded {model.name} ({model.model_type}) in {load_s:.2f}s; BLAS: {loaded_blas() or 'bundled'}", file=sys.stderr)
+    print(
+        f"loaded {model.name} ({model.model_type}) in {load_s:.2f}s; BLAS: {loaded_blas() or 'bundled'}",
+        file=sys.stderr,
+    )
     tokenizer = load_tokenizer(model.path, eos_token_ids=model.config.get("eos_token_id"))
     prompt = chat_prompt(tokenizer, [{"role": "user", "content": settings.prompt}])
     print(f"> {settings.prompt}", file=sys.stderr)
@@ -85,8 +101,12 @@ def _generate(settings: GenerateSettings) -> int:
     first_at = None
     n = 0
     for token in generate(
-        engines, prompt, settings.max_tokens, params,
-        prefill_chunk=settings.prefill_chunk, stop_tokens=sorted(tokenizer.eos_token_ids),
+        engines,
+        prompt,
+        settings.max_tokens,
+        params,
+        prefill_chunk=settings.prefill_chunk,
+        stop_tokens=sorted(tokenizer.eos_token_ids),
     ):
         first_at = first_at or time.perf_counter()
         n += 1

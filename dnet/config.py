@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -39,7 +40,10 @@ class GenerateSettings:
     @classmethod
     def from_args(cls, args: object, env: Mapping[str, str] | None = None) -> GenerateSettings:
         env = os.environ if env is None else env
-        get = lambda name: getattr(args, name, None)  # noqa: E731
+
+        def get(name: str) -> Any:
+            return getattr(args, name, None)
+
         return cls(
             model=get("model") or env.get("DNET_MODEL"),
             slices=get("slices") or 2,

@@ -20,6 +20,13 @@ ITEMSIZE: dict[str, int] = {
 }
 
 
+def _to_shape(value: object) -> tuple[int, ...]:
+    try:
+        return tuple(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidActivation(f"shape must be a sequence of integers, got {value!r}") from None
+
+
 def _check_shape(instance: HostTensor, attribute: attrs.Attribute, value: tuple[int, ...]) -> None:
     if not all(isinstance(d, int) and d >= 0 for d in value):
         raise InvalidActivation(f"shape must be non-negative integers, got {value!r}")
@@ -35,7 +42,7 @@ class HostTensor:
     """
 
     dtype: str
-    shape: tuple[int, ...] = attrs.field(converter=tuple, validator=_check_shape)
+    shape: tuple[int, ...] = attrs.field(converter=_to_shape, validator=_check_shape)
     data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
 
     def __attrs_post_init__(self) -> None:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Write a deterministic tiny HF-format model directory (no network, same seed → same bytes).
 
-    scripts/make_tiny_model.py --arch qwen3 --out /tmp/tiny-qwen3
-    scripts/make_tiny_model.py --arch deepseek_v2 --out /tmp/tiny-ds --dtype bfloat16 --quantize 4
+scripts/make_tiny_model.py --arch qwen3 --out /tmp/tiny-qwen3
+scripts/make_tiny_model.py --arch deepseek_v2 --out /tmp/tiny-ds --dtype bfloat16 --quantize 4
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from dnet.runtime.tiny import ARCHES, DTYPES, TinySpec, make_tiny_model
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--arch", choices=ARCHES, required=True)
     p.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -29,8 +31,16 @@ def main() -> int:
     a = p.parse_args()
     try:
         spec = TinySpec(
-            arch=a.arch, layers=a.layers, hidden=a.hidden, dtype=a.dtype, quantize=a.quantize,
-            group_size=a.group_size, seed=a.seed, vocab=a.vocab, shards=a.shards, moe=not a.dense,
+            arch=a.arch,
+            layers=a.layers,
+            hidden=a.hidden,
+            dtype=a.dtype,
+            quantize=a.quantize,
+            group_size=a.group_size,
+            seed=a.seed,
+            vocab=a.vocab,
+            shards=a.shards,
+            moe=not a.dense,
         )
     except ValueError as exc:
         p.error(str(exc))

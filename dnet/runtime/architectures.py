@@ -24,7 +24,7 @@ SUPPORTED: dict[str, str] = {
 }
 
 
-def model_classes(config: dict[str, Any]) -> tuple[type, type]:
+def model_classes(config: dict[str, Any]) -> tuple[Any, Any]:
     """The mlx_lm ``Model`` and ``ModelArgs`` classes for ``config``.
 
     Raises:

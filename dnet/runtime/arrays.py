@@ -34,7 +34,8 @@ def to_host(array: mx.array) -> HostTensor:
     data = np.ascontiguousarray(np.array(raw, copy=False)).astype(
         np.dtype(_NUMPY[name]).newbyteorder("<"), copy=False
     )
-    return HostTensor(name, tuple(array.shape), data.tobytes())
+    shape: tuple[int, ...] = tuple(array.shape)
+    return HostTensor(name, shape, data.tobytes())
 
 
 def from_host(tensor: HostTensor) -> mx.array:

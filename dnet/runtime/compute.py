@@ -56,7 +56,11 @@ class ComputeThread:
             return trio.lowlevel.Abort.FAILED
 
         self._jobs.put((fn, args, deliver))
-        return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        # A cancellation that arrived while the job ran is delivered now; the
+        # job's result is dropped with it.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return result
 
     def start(self) -> None:
         self._thread.start()

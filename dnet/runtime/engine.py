@@ -8,7 +8,7 @@ plain ints, so nothing outside the runtime touches MLX.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import mlx.core as mx
@@ -62,8 +62,15 @@ class SliceEngine:
     at the request's current position) and freed with ``end``.
     """
 
-    def __init__(self, layer_slice: LayerSlice, *, max_context: int | None = None) -> None:
+    def __init__(
+        self,
+        layer_slice: LayerSlice,
+        *,
+        max_context: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.slice = layer_slice
+        self._clock = clock
         self.max_context = max_context or int(
             layer_slice.model.config.get("max_position_embeddings", 32768)
         )
@@ -89,8 +96,14 @@ class SliceEngine:
         if request_id in self._requests:
             raise DuplicateRequest(f"request {request_id!r} is already running on this slice")
         limit = min(max_context or self.max_context, self.max_context)
-        sampler = RequestSampler(params or SamplingParams(), list(prompt_tokens)) if self.slice.is_last else None
-        self._requests[request_id] = _Request(self.slice.make_cache(), limit, sampler, time.monotonic())
+        sampler = (
+            RequestSampler(params or SamplingParams(), list(prompt_tokens))
+            if self.slice.is_last
+            else None
+        )
+        self._requests[request_id] = _Request(
+            self.slice.make_cache(), limit, sampler, self._clock()
+        )
 
     def end(self, request_id: str) -> None:
         """Free a request's caches. Ending an unknown request is a no-op (end and
@@ -122,7 +135,7 @@ class SliceEngine:
 
     def expire_idle(self, max_idle_s: float, now: float | None = None) -> list[str]:
         """Free requests unused for ``max_idle_s`` seconds; returns their ids."""
-        now = time.monotonic() if now is None else now
+        now = self._clock() if now is None else now
         stale = [rid for rid, r in self._requests.items() if now - r.last_used > max_idle_s]
         for rid in stale:
             del self._requests[rid]
@@ -152,7 +165,9 @@ class SliceEngine:
     def _as_input(self, inputs: HostTensor | Sequence[int]) -> mx.array:
         if isinstance(inputs, HostTensor):
             if self.slice.is_first and inputs.dtype != "int32":
-                raise InvalidActivation(f"the first slice takes int32 token ids, got {inputs.dtype}")
+                raise InvalidActivation(
+                    f"the first slice takes int32 token ids, got {inputs.dtype}"
+                )
             x = from_host(inputs)
         else:
             if not self.slice.is_first:
@@ -198,7 +213,7 @@ class SliceEngine:
                 f"request {request_id!r} would reach {req.position + n} positions; "
                 f"the limit is {req.max_context}"
             )
-        req.last_used = time.monotonic()
+        req.last_used = self._clock()
         self._tokens_processed += n
         try:
             out = self.slice(x, req.cache)
@@ -212,8 +227,10 @@ class SliceEngine:
             assert req.sampler is not None
             return req.sampler.sample(out)
         except (RuntimeError, ValueError) as exc:
-            raise ComputeFailed(f"request {request_id!r} failed in layers "
-                                f"{self.slice.start}..{self.slice.end}: {exc}") from exc
+            raise ComputeFailed(
+                f"request {request_id!r} failed in layers "
+                f"{self.slice.start}..{self.slice.end}: {exc}"
+            ) from exc
 
     def logits(self, request_id: str, inputs: HostTensor | Sequence[int]) -> HostTensor:
         """Like ``run`` on the last slice, but return the last position's logits

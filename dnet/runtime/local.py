@@ -48,7 +48,9 @@ def load_chain(model: ModelDir | str | Path, cuts: Sequence[tuple[int, int]]) ->
     expected = 0
     for start, end in cuts:
         if start != expected:
-            raise LayerRangeError(f"slice ranges {list(cuts)} leave a gap or overlap at layer {expected}")
+            raise LayerRangeError(
+                f"slice ranges {list(cuts)} leave a gap or overlap at layer {expected}"
+            )
         expected = end
     if expected != model.num_layers:
         raise LayerRangeError(f"slice ranges {list(cuts)} do not cover {model.num_layers} layers")

@@ -7,6 +7,7 @@ however many other requests share the process.
 from __future__ import annotations
 
 import secrets
+from typing import cast
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
@@ -55,15 +56,17 @@ class RequestSampler:
         if k:
             top = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
             mx.eval(token, logprobs, top)
-            values = logprobs[0, top[0]].astype(mx.float32).tolist()
-            pairs = sorted(zip(top[0].tolist(), values, strict=True), key=lambda kv: -kv[1])
+            ids = cast(list[int], top[0].tolist())
+            values = cast(list[float], logprobs[0, top[0]].astype(mx.float32).tolist())
+            pairs = sorted(zip(ids, values, strict=True), key=lambda kv: -kv[1])
             top_pairs = tuple((int(i), float(v)) for i, v in pairs)
         else:
             mx.eval(token, logprobs)
             top_pairs = ()
-        token_id = int(token.item())
+        token_id = cast(int, token.item())
+        logprob = cast(float, logprobs[0, token_id].astype(mx.float32).item())
         self.history.append(token_id)
-        return SampledToken(token_id, float(logprobs[0, token_id].astype(mx.float32).item()), top_pairs)
+        return SampledToken(token_id, logprob, top_pairs)
 
     def forget(self, n: int) -> None:
         """Drop the last ``n`` tokens from the history (after a trim)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -102,7 +102,8 @@ class LayerSlice:
                     f"the first slice takes token ids of shape [batch, tokens] (int32), got "
                     f"{dtype_name(x.dtype)} {tuple(x.shape)}"
                 )
-            lo, hi = mx.min(x).item(), mx.max(x).item()
+            lo = cast(int, mx.min(x).item())
+            hi = cast(int, mx.max(x).item())
             if lo < 0 or hi >= self.vocab_size:
                 raise InvalidActivation(
                     f"token id out of range [0, {self.vocab_size}): saw {lo}..{hi}"
@@ -124,14 +125,15 @@ class LayerSlice:
     def __call__(self, x: mx.array, cache: list[KVCache]) -> mx.array:
         """Run the slice lazily. Returns hidden states ``[B, T, H]``, or on the last
         slice the logits of the last position ``[B, vocab]``."""
-        h = self.embed(x) if self.is_first else x
+        h = self.embed(x) if self.embed is not None and self.is_first else x
         mask = create_attention_mask(h, cache[0])
         for layer, c in zip(self.layers, cache, strict=True):
             h = layer(h, mask, c)
         if not self.is_last:
             return h
+        assert self.norm is not None and (self.head is not None or self.embed is not None)
         h = self.norm(h[:, -1:, :])
-        logits = self.head(h) if self.head is not None else self.embed.as_linear(h)
+        logits = self.head(h) if self.head is not None else self.embed.as_linear(h)  # type: ignore[union-attr]
         return logits[:, -1, :]
 
 
@@ -153,7 +155,7 @@ def _read_tensors(model: ModelDir, names: list[str]) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for file, file_names in by_file.items():
         # mx.load maps the file lazily: tensors not taken here are never read.
-        arrays = mx.load(str(file))
+        arrays: dict[str, mx.array] = mx.load(str(file))  # type: ignore[assignment]
         weights.update({n: arrays[n] for n in file_names})
     return weights
 
@@ -182,7 +184,9 @@ def _quantize(full: nn.Module, config: dict[str, Any], weights: dict[str, mx.arr
 def _validate(expected: dict[str, mx.array], weights: dict[str, mx.array], where: str) -> None:
     missing = sorted(expected.keys() - weights.keys())
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
         raise MissingTensor(f"{where} lacks {len(missing)} tensor(s): {shown}")
     extra = sorted(weights.keys() - expected.keys())
     if extra:
@@ -243,7 +247,9 @@ def load_slice(model: ModelDir | str | Path, start: int, end: int) -> LayerSlice
     _quantize(full, config, weights)
 
     inner = full.model
-    pieces: dict[str, nn.Module] = {f"model.layers.{i}.": inner.layers[i] for i in range(start, end)}
+    pieces: dict[str, nn.Module] = {
+        f"model.layers.{i}.": inner.layers[i] for i in range(start, end)
+    }
     if first or (last and tied):
         pieces["model.embed_tokens."] = inner.embed_tokens
     if last:
@@ -258,7 +264,7 @@ def load_slice(model: ModelDir | str | Path, start: int, end: int) -> LayerSlice
     _validate(expected, weights, f"{model.path.name} layers [{start}, {end})")
     for prefix, module in pieces.items():
         module.load_weights(
-            [(k[len(prefix):], v) for k, v in weights.items() if k.startswith(prefix)],
+            [(k[len(prefix) :], v) for k, v in weights.items() if k.startswith(prefix)],
             strict=False,
         )
         module.eval()
@@ -276,6 +282,10 @@ def load_slice(model: ModelDir | str | Path, start: int, end: int) -> LayerSlice
     _smoke_test(owned)
     log.info(
         "loaded %s layers [%d, %d) of %d: %.1f MiB",
-        model.name, start, end, n, owned.weight_bytes / 2**20,
+        model.name,
+        start,
+        end,
+        n,
+        owned.weight_bytes / 2**20,
     )
     return owned

@@ -181,7 +181,11 @@ def _random_weights(model: nn.Module, spec: TinySpec) -> dict[str, mx.array]:
 def _save_weights(out: Path, weights: dict[str, mx.array], shards: int) -> None:
     names = sorted(weights)
     if shards == 1:
-        mx.save_safetensors(str(out / "model.safetensors"), {n: weights[n] for n in names}, metadata={"format": "mlx"})
+        mx.save_safetensors(
+            str(out / "model.safetensors"),
+            {n: weights[n] for n in names},
+            metadata={"format": "mlx"},
+        )
         return
     total = sum(weights[n].nbytes for n in names)
     groups: list[list[str]] = [[] for _ in range(shards)]
@@ -192,7 +196,9 @@ def _save_weights(out: Path, weights: dict[str, mx.array], shards: int) -> None:
     weight_map = {}
     for i, group in enumerate(groups):
         file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        mx.save_safetensors(str(out / file), {n: weights[n] for n in group}, metadata={"format": "mlx"})
+        mx.save_safetensors(
+            str(out / file), {n: weights[n] for n in group}, metadata={"format": "mlx"}
+        )
         weight_map.update({n: file for n in group})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -221,7 +227,9 @@ def make_tiny_model(out: str | Path, spec: TinySpec | None = None) -> Path:
             model,
             group_size=spec.group_size,
             bits=spec.quantize,
-            class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % spec.group_size == 0,
+            class_predicate=lambda _, m: (
+                hasattr(m, "to_quantized") and m.weight.shape[-1] % spec.group_size == 0
+            ),
         )
         config["quantization"] = quantization
         config["quantization_config"] = quantization
