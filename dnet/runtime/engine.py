@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from dnet.errors import (
@@ -162,19 +163,32 @@ class SliceEngine:
         except KeyError:
             raise UnknownRequest(f"request {request_id!r} is not running on this slice") from None
 
+    def _token_ids(self, ids: np.ndarray) -> np.ndarray:
+        # Checked on the host: no MLX round trip per step.
+        vocab = self.slice.vocab_size
+        if ids.size == 0:
+            raise InvalidActivation("no token ids given")
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise InvalidActivation(
+                f"token id out of range [0, {vocab}): saw {ids.min()}..{ids.max()}"
+            )
+        return ids.astype(np.int32, copy=False)
+
     def _as_input(self, inputs: HostTensor | Sequence[int]) -> mx.array:
         if isinstance(inputs, HostTensor):
-            if self.slice.is_first and inputs.dtype != "int32":
-                raise InvalidActivation(
-                    f"the first slice takes int32 token ids, got {inputs.dtype}"
-                )
+            if self.slice.is_first:
+                if inputs.dtype != "int32":
+                    raise InvalidActivation(
+                        f"the first slice takes int32 token ids, got {inputs.dtype}"
+                    )
+                self._token_ids(np.frombuffer(inputs.data, dtype="<i4"))
             x = from_host(inputs)
         else:
             if not self.slice.is_first:
                 raise InvalidActivation(
                     f"layers {self.slice.start}..{self.slice.end} take activations, not token ids"
                 )
-            x = mx.array([list(inputs)], dtype=mx.int32)
+            x = mx.array(self._token_ids(np.asarray(inputs, dtype=np.int64).reshape(1, -1)))
         if x.ndim == 1 and self.slice.is_first:
             x = x[None]
         self.slice.check_input(x)

@@ -56,11 +56,12 @@ class ModelDir:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def resolve_model(ref: str | Path) -> Path:
+def resolve_model(ref: str | Path, hf_cache_dir: Path | None = None) -> Path:
     """Turn a model reference into a local directory, never downloading.
 
     ``ref`` is a local directory, or a Hugging Face repo id (``org/name``) that is
-    already in the local HF cache (see ``download_model`` for the explicit fetch).
+    already in the HF cache (``hf_cache_dir``, else huggingface_hub's default; see
+    ``download_model`` for the explicit fetch).
 
     Raises:
         ModelNotFound: neither a directory with a ``config.json`` nor a cached repo.
@@ -76,7 +77,7 @@ def resolve_model(ref: str | Path) -> Path:
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         try:
-            return Path(snapshot_download(text, local_files_only=True))
+            return Path(snapshot_download(text, local_files_only=True, cache_dir=hf_cache_dir))
         except (LocalEntryNotFoundError, OSError, ValueError) as exc:
             raise ModelNotFound(
                 f"{text!r} is not a local directory and not in the Hugging Face cache; "
@@ -115,14 +116,14 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def open_model_dir(ref: str | Path) -> ModelDir:
+def open_model_dir(ref: str | Path, hf_cache_dir: Path | None = None) -> ModelDir:
     """Resolve ``ref`` and read its config and tensor index.
 
     Raises:
         ModelNotFound: see ``resolve_model``.
         InvalidModel: unreadable config, no weights, or an index naming missing files.
     """
-    path = resolve_model(ref)
+    path = resolve_model(ref, hf_cache_dir)
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:

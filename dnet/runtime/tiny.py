@@ -7,6 +7,7 @@ The same arguments give the same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -52,6 +53,8 @@ class TinySpec:
     head_dim: int | None = None
     intermediate: int | None = None
     tie_embeddings: bool | None = None
+    # Embedding rows beyond the tokenizer's (real checkpoints pad theirs too).
+    model_vocab: int | None = None
     init_std: float = 0.2
     # deepseek_v2 only: routed experts on every layer after the first. MLX's CPU
     # backend runs the experts' gather_mm in float32 only (quantized ones in any).
@@ -73,11 +76,8 @@ class TinySpec:
     def key(self) -> str:
         """A directory name that identifies this spec."""
         q = f"-q{self.quantize}g{self.group_size}" if self.quantize else ""
-        dense = "" if self.moe or self.arch != "deepseek_v2" else "-dense"
-        return (
-            f"{self.arch}{dense}-l{self.layers}-h{self.hidden}-{self.dtype}{q}"
-            f"-s{self.seed}-v{self.vocab}-x{self.shards}-std{self.init_std}"
-        )
+        digest = hashlib.sha256(repr(attrs.astuple(self)).encode()).hexdigest()[:10]
+        return f"{self.arch}-l{self.layers}-h{self.hidden}-{self.dtype}{q}-{digest}"
 
 
 def train_tokenizer(vocab_size: int) -> Any:
@@ -213,7 +213,7 @@ def make_tiny_model(out: str | Path, spec: TinySpec | None = None) -> Path:
     spec = spec or TinySpec()
     out = Path(out)
     tokenizer = train_tokenizer(spec.vocab)
-    vocab = tokenizer.get_vocab_size()
+    vocab = max(tokenizer.get_vocab_size(), spec.model_vocab or 0)
     eos = tokenizer.token_to_id("<|im_end|>")
     bos = tokenizer.token_to_id("<|endoftext|>")
     config = _config(spec, vocab, eos, bos)

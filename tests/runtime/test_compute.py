@@ -73,3 +73,41 @@ async def test_closed_thread_refuses_jobs():
         pass
     with pytest.raises(trio.ClosedResourceError):
         await compute.run(lambda: None)
+
+
+async def test_slices_run_on_the_compute_thread_from_trio(tiny_model):
+    """The way a peer uses the runtime: load and run on the compute thread, many
+    requests interleaved by Trio tasks, each getting its own greedy answer."""
+    from dnet.runtime.local import generate, load_chain
+
+    path = tiny_model(arch="qwen3")
+    prompts = [[5, 9, 13, 200, 4], [300, 2, 2, 41, 7], [11, 12]]
+    async with open_compute_thread() as compute:
+        engines = await compute.run(load_chain, path, [(0, 2), (2, 4)])
+        expected = [
+            await compute.run(lambda p=p: [t.token_id for t in generate(engines, p, 8)])
+            for p in prompts
+        ]
+        results: dict[int, list[int]] = {}
+
+        async def one(i: int, prompt: list[int]) -> None:
+            rid = f"r{i}"
+            for e in engines:
+                await compute.run(e.start, rid)
+            tokens: list[int] = []
+            x: object = prompt
+            pos = 0
+            for _ in range(8):
+                for e in engines:
+                    x = await compute.run(lambda e=e, x=x, pos=pos: e.run(rid, x, position=pos))
+                pos += len(prompt) if pos == 0 else 1
+                tokens.append(x.token_id)
+                x = [x.token_id]
+            for e in engines:
+                await compute.run(e.end, rid)
+            results[i] = tokens
+
+        async with trio.open_nursery() as nursery:
+            for i, p in enumerate(prompts):
+                nursery.start_soon(one, i, p)
+    assert [results[i] for i in range(len(prompts))] == expected

@@ -147,3 +147,19 @@ def test_unowned_shards_are_never_read(tiny_model, tmp_path):
     for f in others:
         f.write_bytes(f.read_bytes()[:8])
     load_slice(info, 0, 1)
+
+
+def test_repo_id_resolves_through_the_hf_cache_only(tiny_model, tmp_path):
+    # The layout huggingface_hub writes: refs/main names a snapshot folder.
+    repo = tmp_path / "hub" / "models--dnet-test--tiny-qwen3"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(tiny_model(arch="qwen3"), repo / "snapshots" / commit)
+    path = resolve_model("dnet-test/tiny-qwen3", hf_cache_dir=tmp_path / "hub")
+    assert path == repo / "snapshots" / commit
+    info = open_model_dir("dnet-test/tiny-qwen3", hf_cache_dir=tmp_path / "hub")
+    assert load_slice(info, 0, 2).num_layers == 2
+    # Not in the cache: a clear error, and no download attempt.
+    with pytest.raises(ModelNotFound, match="download it first"):
+        resolve_model("dnet-test/not-cached", hf_cache_dir=tmp_path / "hub")
