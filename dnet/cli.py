@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -128,3 +129,94 @@ def _generate(settings: GenerateSettings) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(generate_main())
+
+
+def _peer_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dnet-peer",
+        description="Run a dnet peer: hold a slice of a model's layers and serve it over an "
+        "authenticated WebSocket.",
+    )
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 0: any free port)")
+    p.add_argument("--name", help="a human name for this peer (default: the host name)")
+    p.add_argument(
+        "--state-dir", help="where the identity and cluster keys live (default ~/.local/state/dnet)"
+    )
+    p.add_argument(
+        "--cluster-key-file", help="file holding the cluster key (hex); DNET_CLUSTER_KEY also works"
+    )
+    p.add_argument("--no-mdns", action="store_true", help="do not advertise over mDNS")
+    p.add_argument("--no-openblas", action="store_true", help="keep MLX's bundled BLAS")
+    p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
+    return p
+
+
+def peer_main(argv: list[str] | None = None) -> int:
+    from dnet.config import PeerSettings
+
+    settings = PeerSettings.from_args(_peer_parser().parse_args(argv))
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if settings.use_openblas:
+        from dnet.runtime.blas import preload_openblas
+
+        preload_openblas()
+    import trio
+
+    from dnet.identity import load_cluster_key, load_identity
+
+    try:
+        identity = load_identity(settings.state_dir)
+        key, key_path, generated = load_cluster_key(
+            settings.state_dir, settings.cluster_key_file, settings.cluster_key
+        )
+    except DnetError as exc:
+        print(f"dnet-peer: {exc.message}", file=sys.stderr)
+        return 2
+    if generated:
+        print(
+            f"dnet-peer: generated a new cluster key in {key_path}; give the same key to every "
+            "peer and head of this cluster (--cluster-key-file or DNET_CLUSTER_KEY)",
+            file=sys.stderr,
+        )
+    if settings.mdns:
+        log.info("mDNS advertising is not implemented yet; peers are reached by address")
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(_run_peer, settings, identity, key)
+    return 0
+
+
+async def _run_peer(settings: object, identity: object, key: bytes) -> None:
+    import signal
+
+    import trio
+
+    from dnet.config import PeerSettings
+    from dnet.identity import Identity
+    from dnet.peer.daemon import PeerDaemon
+    from dnet.protocol import WS_PATH
+    from dnet.runtime.compute import open_compute_thread
+
+    assert isinstance(settings, PeerSettings) and isinstance(identity, Identity)
+    async with open_compute_thread() as compute, trio.open_nursery() as nursery:
+        daemon = PeerDaemon(
+            identity,
+            key,
+            compute,
+            name=settings.name,
+            request_idle_timeout_s=settings.request_idle_timeout_s,
+        )
+        port = await nursery.start(daemon.run, settings.host, settings.port)
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        print(
+            f"dnet-peer listening ws://{host}:{port}{WS_PATH} peer-id={identity.peer_id} "
+            f"name={settings.name}",
+            flush=True,
+        )
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("stopping on %s", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

@@ -6,6 +6,7 @@ This is the only module that reads the environment.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -57,4 +58,50 @@ class GenerateSettings:
             use_openblas=not get("no_openblas") and env.get("DNET_OPENBLAS", "1") != "0",
             cache_dir=default_cache_dir(env),
             log_level=(get("log_level") or env.get("DNET_LOG_LEVEL") or "WARNING").upper(),
+        )
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    if "DNET_STATE_DIR" in env:
+        return Path(env["DNET_STATE_DIR"]).expanduser()
+    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "dnet"
+
+
+@attrs.frozen
+class PeerSettings:
+    """Settings of ``dnet-peer``."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    name: str = ""
+    state_dir: Path = Path(".")
+    cluster_key_file: Path | None = None
+    cluster_key: str | None = None  # DNET_CLUSTER_KEY
+    mdns: bool = True
+    request_idle_timeout_s: float = 600.0
+    use_openblas: bool = True
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_args(cls, args: object, env: Mapping[str, str] | None = None) -> PeerSettings:
+        env = os.environ if env is None else env
+
+        def get(name: str) -> Any:
+            return getattr(args, name, None)
+
+        key_file = get("cluster_key_file") or env.get("DNET_CLUSTER_KEY_FILE")
+        return cls(
+            host=get("host") or env.get("DNET_HOST") or "127.0.0.1",
+            port=get("port") if get("port") is not None else int(env.get("DNET_PORT", "0")),
+            name=get("name") or env.get("DNET_NAME") or socket.gethostname(),
+            state_dir=Path(get("state_dir")).expanduser()
+            if get("state_dir")
+            else default_state_dir(env),
+            cluster_key_file=Path(key_file).expanduser() if key_file else None,
+            cluster_key=env.get("DNET_CLUSTER_KEY") or None,
+            mdns=not get("no_mdns") and env.get("DNET_MDNS", "1") != "0",
+            request_idle_timeout_s=float(env.get("DNET_REQUEST_IDLE_TIMEOUT", "600")),
+            use_openblas=not get("no_openblas") and env.get("DNET_OPENBLAS", "1") != "0",
+            log_level=(get("log_level") or env.get("DNET_LOG_LEVEL") or "INFO").upper(),
         )

@@ -102,3 +102,26 @@ class ComputeFailed(DnetError):
     """MLX raised while running a slice."""
 
     code = "compute_failed"
+
+
+class PeerUnavailable(DnetError):
+    """A peer cannot be reached, or went away while it was needed."""
+
+    code = "peer_unavailable"
+
+
+class PeerError(DnetError):
+    """A peer answered with an error."""
+
+    code = "peer_error"
+
+    def __init__(self, message: str, code: str = "peer_error", peer_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.peer_id = peer_id
+
+
+class ModelNotLoaded(DnetError):
+    """A request needs a model and none is loaded."""
+
+    code = "model_not_loaded"

@@ -148,7 +148,8 @@ class SliceEngine:
     def kv_bytes(self, request_id: str | None = None) -> int:
         if request_id is not None:
             return self._get(request_id).kv_bytes
-        return sum(r.kv_bytes for r in self._requests.values())
+        # list() copies in one step under the GIL: safe against the compute thread.
+        return sum(r.kv_bytes for r in list(self._requests.values()))
 
     def statistics(self) -> EngineStatistics:
         return EngineStatistics(

@@ -1,0 +1,97 @@
+"""``PeerClient``: the head's end of one authenticated connection to a peer.
+
+Replies to control calls (status, load, unload) come back in order on the same
+connection; tokens and per-request errors are handed to the ring's sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import trio
+
+from dnet.errors import PeerError, PeerUnavailable
+from dnet.protocol.codec import ProtocolError
+from dnet.protocol.messages import Error, Message, Token
+from dnet.transport.connection import Connection
+from dnet.transport.links import LinkClosed
+
+log = logging.getLogger(__name__)
+
+CONTROL_TIMEOUT_S = 600.0  # loading a large slice from disk can take minutes
+
+
+class PeerClient:
+    def __init__(self, conn: Connection, address: str) -> None:
+        self.conn = conn
+        self.address = address
+        self.peer_id = conn.remote_peer_id
+        self.name = conn.remote_name
+        self.alive = True
+        self._lock = trio.Lock()
+        self._reply_send, self._reply_receive = trio.open_memory_channel[Message](math.inf)
+
+    def __repr__(self) -> str:
+        return f"<PeerClient {self.label}>"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name or 'peer'} ({self.peer_id[:12]}) at {self.address}"
+
+    async def serve(
+        self,
+        on_request_message: Callable[[Token | Error], None],
+        on_closed: Callable[[PeerClient, str], None],
+    ) -> None:
+        """Read the connection until it closes; runs as a task of the ring."""
+        why = "closed the connection"
+        try:
+            while True:
+                message, _ = await self.conn.receive()
+                if isinstance(message, Token) or (
+                    isinstance(message, Error) and message.request_id
+                ):
+                    on_request_message(message)
+                else:
+                    self._reply_send.send_nowait(message)
+        except LinkClosed:
+            pass
+        except ProtocolError as exc:
+            why = f"sent a bad frame ({exc.message})"
+            await self.conn.fail(exc)
+        finally:
+            self.alive = False
+            self._reply_send.close()
+            on_closed(self, why)
+
+    async def call(self, message: Message, timeout: float = CONTROL_TIMEOUT_S) -> Message:
+        """Send a control message and wait for its reply.
+
+        Raises:
+            PeerUnavailable: the peer went away; PeerError: it answered with an error.
+        """
+        async with self._lock:
+            try:
+                await self.conn.send(message)
+                with trio.fail_after(timeout):
+                    reply = await self._reply_receive.receive()
+            except (LinkClosed, trio.EndOfChannel, trio.ClosedResourceError) as exc:
+                raise PeerUnavailable(f"peer {self.label} went away") from exc
+            except trio.TooSlowError:
+                raise PeerUnavailable(
+                    f"peer {self.label} did not answer {type(message).__name__} in {timeout:.0f}s"
+                ) from None
+        if isinstance(reply, Error):
+            raise PeerError(f"peer {self.label}: {reply.message}", reply.code, self.peer_id)
+        return reply
+
+    async def send(self, message: Message, payload: bytes = b"") -> None:
+        """Raises:
+        PeerUnavailable
+        """
+        try:
+            await self.conn.send(message, payload)
+        except LinkClosed as exc:
+            raise PeerUnavailable(f"peer {self.label} went away") from exc

@@ -1,0 +1,355 @@
+"""``Ring``: the peers of a loaded model in ring order, and generation sessions.
+
+A session sends ``StartRequest`` and the prompt's token ids (chunked) to the first
+peer; activations travel peer to peer; the last peer's tokens come back here, are
+detokenized and checked for stops, and each token goes to the first peer again.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from typing import Any
+
+import attrs
+import numpy as np
+import trio
+
+from dnet.errors import DnetError, LayerRangeError, ModelNotLoaded, PeerError, PeerUnavailable
+from dnet.head.peers import PeerClient
+from dnet.head.stops import StopMatcher
+from dnet.identity import Identity, verify_signature
+from dnet.protocol.messages import (
+    Activation,
+    EndRequest,
+    Error,
+    Loaded,
+    LoadSlice,
+    StartRequest,
+    Status,
+    StatusRequest,
+    Token,
+    Unload,
+)
+from dnet.sampling import SamplingParams
+from dnet.transport.connection import open_connection
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_CHUNK = 512
+TOKEN_TIMEOUT_S = 60.0
+
+
+@attrs.frozen
+class GenerationEvent:
+    """One generated token, the text it completes (possibly empty while a
+    multi-byte character or a possible stop string is pending), and, on the last
+    event, why generation finished (``stop`` or ``length``)."""
+
+    index: int
+    token_id: int
+    text: str
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None
+
+
+@attrs.frozen
+class PlanEntry:
+    """One slice of a plan: which peer (by peer id) holds layers ``[start, end)``."""
+
+    peer_id: str
+    start: int
+    end: int
+
+
+@attrs.frozen
+class _Failure:
+    error: DnetError
+
+
+def prefill_schedule(num_tokens: int, chunk: int) -> list[tuple[int, int]]:
+    """mlx_lm's prefill: all but the last token in chunks, then the last alone."""
+    spans, pos = [], 0
+    while num_tokens - pos > 1:
+        n = min(chunk, num_tokens - pos - 1)
+        spans.append((pos, pos + n))
+        pos += n
+    spans.append((pos, num_tokens))
+    return spans
+
+
+def _ids_payload(ids: Sequence[int]) -> bytes:
+    return np.asarray(ids, dtype="<i4").tobytes()
+
+
+class Ring:
+    """Connected peers; after ``load``, the ring of a model. Use ``open_ring``."""
+
+    def __init__(self, nursery: trio.Nursery, peers: list[PeerClient]) -> None:
+        self._nursery = nursery
+        self.peers = peers
+        self.order: list[PeerClient] = []
+        self.model: str | None = None
+        self.tokenizer: Any = None
+        self.max_context: int | None = None
+        self._sessions: dict[str, trio.MemorySendChannel[Token | Error | _Failure]] = {}
+
+    # -- peer events (called from the PeerClient tasks) --------------------------
+
+    def _on_request_message(self, message: Token | Error) -> None:
+        channel = self._sessions.get(message.request_id or "")
+        if channel is not None:
+            channel.send_nowait(message)
+
+    def _on_closed(self, peer: PeerClient, why: str) -> None:
+        log.warning("peer %s %s", peer.label, why)
+        if peer in self.order:
+            failure = _Failure(PeerUnavailable(f"peer {peer.label} {why}"))
+            for channel in list(self._sessions.values()):
+                channel.send_nowait(failure)
+
+    def peer(self, peer_id: str) -> PeerClient:
+        for p in self.peers:
+            if p.peer_id == peer_id:
+                return p
+        raise PeerUnavailable(f"no connected peer has id {peer_id}")
+
+    # -- control -------------------------------------------------------------------
+
+    async def status(self) -> list[Status]:
+        out = []
+        for p in self.peers:
+            reply = await p.call(StatusRequest())
+            assert isinstance(reply, Status)
+            out.append(reply)
+        return out
+
+    async def load(
+        self, model: str, plan: Sequence[PlanEntry], *, max_context: int | None = None
+    ) -> list[Loaded]:
+        """Load ``model`` across the peers named by ``plan`` (ring order; ranges must
+        tile all layers). The model reference must be readable on every peer, and on
+        the head (for the tokenizer).
+
+        Raises:
+            LayerRangeError, PeerUnavailable, PeerError, ModelNotFound
+        """
+        from dnet.runtime.model_dir import open_model_dir
+        from dnet.runtime.tokenizer import load_tokenizer
+
+        info = await trio.to_thread.run_sync(open_model_dir, model)
+        expected = 0
+        for entry in plan:
+            if entry.start != expected or entry.end <= entry.start:
+                raise LayerRangeError(f"plan {list(plan)} does not tile the layers at {expected}")
+            expected = entry.end
+        if expected != info.num_layers:
+            raise LayerRangeError(f"plan covers {expected} of {info.num_layers} layers")
+        order = [self.peer(e.peer_id) for e in plan]
+        await self.unload()
+        results: list[Loaded | None] = [None] * len(plan)
+        errors: list[DnetError] = []
+
+        async def load_one(i: int) -> None:
+            entry, nxt = plan[i], order[i + 1] if i + 1 < len(order) else None
+            msg = LoadSlice(
+                model=str(info.path),
+                start=entry.start,
+                end=entry.end,
+                is_first=i == 0,
+                is_last=nxt is None,
+                next_address=nxt.address if nxt else None,
+                next_peer_id=nxt.peer_id if nxt else None,
+                max_context=max_context,
+            )
+            try:
+                reply = await order[i].call(msg)
+                assert isinstance(reply, Loaded)
+                results[i] = reply
+            except DnetError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(plan)):
+                nursery.start_soon(load_one, i)
+        if errors:
+            await self.unload()
+            raise errors[0]
+        self.tokenizer = await trio.to_thread.run_sync(
+            lambda: load_tokenizer(info.path, eos_token_ids=info.config.get("eos_token_id"))
+        )
+        self.order, self.model, self.max_context = order, str(info.path), max_context
+        return [r for r in results if r is not None]
+
+    async def unload(self) -> None:
+        order, self.order, self.model = self.order or [], [], None
+        for p in order:
+            if p.alive:
+                await p.call(Unload())
+
+    # -- generation ------------------------------------------------------------------
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        from dnet.runtime.tokenizer import chat_prompt
+
+        if self.tokenizer is None:
+            raise ModelNotLoaded("no model is loaded")
+        return chat_prompt(self.tokenizer, messages)
+
+    async def generate(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        token_timeout: float = TOKEN_TIMEOUT_S,
+    ) -> AsyncIterator[GenerationEvent]:
+        """Generate from token ids; an async generator of ``GenerationEvent``s.
+
+        Use it inside ``contextlib.aclosing`` so that stopping early frees the
+        request on every peer at once.
+
+        Raises:
+            ModelNotLoaded, PeerUnavailable (a peer died or went silent for
+            ``token_timeout``), PeerError (a peer reported an error)
+        """
+        if not self.order or self.tokenizer is None:
+            raise ModelNotLoaded("no model is loaded")
+        if not prompt:
+            raise ValueError("the prompt must hold at least one token")
+        params = params or SamplingParams()
+        order, tokenizer = list(self.order), self.tokenizer
+        first = order[0]
+        rid = uuid.uuid4().hex
+        send, receive = trio.open_memory_channel[Token | Error | _Failure](math.inf)
+        self._sessions[rid] = send
+        try:
+            dead = [p for p in order if not p.alive]
+            if dead:
+                raise PeerUnavailable(f"peer {dead[0].label} is not connected")
+            await first.send(
+                StartRequest(
+                    rid,
+                    params.temperature,
+                    params.top_p,
+                    params.top_k,
+                    params.min_p,
+                    params.repetition_penalty,
+                    params.repetition_context_size,
+                    params.seed,
+                    params.top_logprobs,
+                    max_tokens,
+                    self.max_context,
+                    tuple(sorted(tokenizer.eos_token_ids)),
+                    tuple(prompt),
+                )
+            )
+            spans = prefill_schedule(len(prompt), prefill_chunk)
+            for i, (a, b) in enumerate(spans):
+                await first.send(
+                    Activation(rid, a, "int32", (1, b - a), sample=i == len(spans) - 1),
+                    _ids_payload(prompt[a:b]),
+                )
+            detok = copy.copy(tokenizer.detokenizer)
+            detok.reset()
+            stops = StopMatcher(stop)
+            position = len(prompt)
+            while True:
+                with trio.move_on_after(token_timeout) as waited:
+                    message = await receive.receive()
+                if waited.cancelled_caught:
+                    raise PeerUnavailable(
+                        f"no token in {token_timeout:.0f}s from the ring "
+                        f"({', '.join(p.label for p in order)})"
+                    )
+                if isinstance(message, _Failure):
+                    raise message.error
+                if isinstance(message, Error):
+                    who = message.peer_id or "?"
+                    label = next((p.label for p in order if p.peer_id == who), who[:12])
+                    raise PeerError(
+                        f"peer {label}: {message.message}", message.code, message.peer_id
+                    )
+                finish = message.finish_reason
+                if finish == "stop":  # a stop token: not part of the text
+                    detok.finalize()
+                    text, _ = stops.feed(detok.last_segment)
+                    text += stops.flush()
+                else:
+                    detok.add_token(message.token_id)
+                    text, hit = stops.feed(detok.last_segment)
+                    if hit:
+                        finish = "stop"
+                    elif finish == "length":
+                        detok.finalize()
+                        more, hit = stops.feed(detok.last_segment)
+                        text += more + ("" if hit else stops.flush())
+                yield GenerationEvent(
+                    message.index,
+                    message.token_id,
+                    text,
+                    message.logprob,
+                    message.top_logprobs,
+                    finish,
+                )
+                if finish is not None:
+                    return
+                await first.send(
+                    Activation(rid, position, "int32", (1, 1), sample=True),
+                    _ids_payload([message.token_id]),
+                )
+                position += 1
+        finally:
+            self._sessions.pop(rid, None)
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                for p in order:
+                    if p.alive:
+                        with suppress(PeerUnavailable):
+                            await p.send(EndRequest(rid))
+
+
+@asynccontextmanager
+async def open_ring(
+    addresses: Sequence[str],
+    identity: Identity,
+    cluster_key: bytes,
+    *,
+    expected_peer_ids: Sequence[str | None] | None = None,
+    name: str = "head",
+) -> AsyncIterator[Ring]:
+    """Connect (and authenticate) to every address; closes all on exit.
+
+    Raises:
+        PeerUnavailable, HandshakeFailed
+    """
+    expected = list(expected_peer_ids or [None] * len(addresses))
+    async with AsyncExitStack() as stack:
+        peers = []
+        for address, peer_id in zip(addresses, expected, strict=True):
+            conn = await stack.enter_async_context(
+                open_connection(
+                    address,
+                    identity,
+                    cluster_key,
+                    verify_signature,
+                    expected_peer_id=peer_id,
+                    name=name,
+                )
+            )
+            peers.append(PeerClient(conn, address))
+        # Entered after the connections, so it closes before them.
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        ring = Ring(nursery, peers)
+        for p in peers:
+            nursery.start_soon(p.serve, ring._on_request_message, ring._on_closed)
+        try:
+            yield ring
+        finally:
+            nursery.cancel_scope.cancel()

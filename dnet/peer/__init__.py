@@ -1,0 +1,1 @@
+"""The peer daemon: transport + protocol + runtime."""

@@ -1,0 +1,367 @@
+"""``PeerDaemon``: holds one slice, runs activations in arrival order on the compute
+thread, forwards results to its successor and tokens to its controller (the head
+connection that loaded it).
+
+Tasks, all in one nursery: the listener (one handler task per connection), the
+worker (the FIFO of request work), the sender (the FIFO of outgoing messages), the
+successor link, and the idle-request reaper.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from typing import Any
+
+import attrs
+import psutil
+import trio
+
+from dnet.errors import DnetError, LayerRangeError, ModelNotLoaded, PeerUnavailable
+from dnet.identity import Identity, verify_signature
+from dnet.protocol.codec import ProtocolError
+from dnet.protocol.messages import (
+    Activation,
+    Cancel,
+    EndRequest,
+    Error,
+    Loaded,
+    LoadSlice,
+    Message,
+    Profile,
+    ProfileRequest,
+    StartRequest,
+    Status,
+    StatusRequest,
+    Token,
+    Unload,
+    Unloaded,
+)
+from dnet.runtime.compute import ComputeThread
+from dnet.runtime.engine import SliceEngine
+from dnet.runtime.slice import load_slice
+from dnet.sampling import SampledToken, SamplingParams
+from dnet.tensor import HostTensor
+from dnet.transport.connection import Connection, open_connection, serve_connections
+from dnet.transport.links import LinkClosed
+
+log = logging.getLogger(__name__)
+
+RATE_WINDOW_S = 10.0
+REQUEST_WORK = (StartRequest, Activation, EndRequest, Cancel)
+
+
+@attrs.define
+class _Meta:
+    """What the last slice needs to know to finish a request."""
+
+    max_tokens: int
+    stop_token_ids: frozenset[int]
+    generated: int = 0
+
+
+class PeerDaemon:
+    """One peer. Use ``run`` inside a nursery; it reports its port when listening."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        cluster_key: bytes,
+        compute: ComputeThread,
+        *,
+        name: str = "",
+        request_idle_timeout_s: float = 600.0,
+    ) -> None:
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.name = name
+        self._cluster_key = cluster_key
+        self._compute = compute
+        self._idle_timeout = request_idle_timeout_s
+        self.engine: SliceEngine | None = None
+        self.loaded: LoadSlice | None = None
+        self.controller: Connection | None = None
+        self._successor: Connection | None = None
+        self._successor_scope: trio.CancelScope | None = None
+        self._meta: dict[str, _Meta] = {}
+        self._recent: deque[tuple[float, int]] = deque()
+        self._work_send, self._work_receive = trio.open_memory_channel[
+            tuple[Connection, Message, bytes]
+        ](math.inf)
+        self._out_send, self._out_receive = trio.open_memory_channel[tuple[str, Message, bytes]](
+            math.inf
+        )
+        self._load_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+
+    # -- running -----------------------------------------------------------------
+
+    async def run(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._worker)
+            nursery.start_soon(self._sender)
+            nursery.start_soon(self._reaper)
+            bound = await nursery.start(
+                serve_connections,
+                self._serve,
+                host,
+                port,
+                self.identity,
+                self._cluster_key,
+                verify_signature,
+            )
+            task_status.started(bound)
+
+    async def _serve(self, conn: Connection) -> None:
+        log.info("connection from %s (%s)", conn.remote_name, conn.remote_peer_id[:12])
+        try:
+            while True:
+                try:
+                    message, payload = await conn.receive()
+                except LinkClosed:
+                    return
+                except ProtocolError as exc:
+                    log.warning("closing %r: %s", conn, exc)
+                    await conn.fail(exc)
+                    return
+                if isinstance(message, REQUEST_WORK):
+                    self._work_send.send_nowait((conn, message, payload))
+                    continue
+                try:
+                    reply = await self._control(conn, message)
+                except ProtocolError as exc:
+                    await conn.fail(exc)
+                    return
+                except DnetError as exc:
+                    reply = Error(exc.code, exc.message, peer_id=self.peer_id)
+                try:
+                    await conn.send(reply)
+                except LinkClosed:
+                    return
+        finally:
+            if self.controller is conn:
+                self.controller = None
+
+    async def _control(self, conn: Connection, message: Message) -> Message:
+        if isinstance(message, StatusRequest):
+            return self.status()
+        if isinstance(message, ProfileRequest):
+            return Profile(self.peer_id)
+        if isinstance(message, LoadSlice):
+            self.controller = conn
+            return await self._load(message)
+        if isinstance(message, Unload):
+            await self._unload()
+            return Unloaded()
+        raise ProtocolError(f"a peer does not accept {type(message).__name__}")
+
+    # -- loading ---------------------------------------------------------------
+
+    async def _load(self, msg: LoadSlice) -> Loaded:
+        async with self._load_lock:
+            await self._unload()
+            started = time.perf_counter()
+            layer_slice = await self._compute.run(load_slice, msg.model, msg.start, msg.end)
+            if layer_slice.is_first != msg.is_first or layer_slice.is_last != msg.is_last:
+                raise LayerRangeError(
+                    f"layers [{msg.start}, {msg.end}) of {layer_slice.model.num_layers}: "
+                    f"first={layer_slice.is_first} last={layer_slice.is_last}, the plan says "
+                    f"first={msg.is_first} last={msg.is_last}"
+                )
+            if not msg.is_last:
+                if not msg.next_address:
+                    raise LayerRangeError("a slice that is not last needs a next peer address")
+                await self._connect_successor(msg.next_address, msg.next_peer_id)
+            self.engine = SliceEngine(layer_slice, max_context=msg.max_context)
+            self.loaded = msg
+            seconds = time.perf_counter() - started
+            log.info("loaded %s layers [%d, %d) in %.2fs", msg.model, msg.start, msg.end, seconds)
+            return Loaded(msg.model, msg.start, msg.end, layer_slice.weight_bytes, seconds)
+
+    async def _unload(self) -> None:
+        if self._successor_scope is not None:
+            self._successor_scope.cancel()
+            self._successor_scope = None
+        self._successor = None
+        engine, self.engine, self.loaded = self.engine, None, None
+        self._meta.clear()
+        if engine is not None:
+            # Drop the arrays on the thread that owns them.
+            await self._compute.run(engine.expire_idle, -1.0)
+            del engine
+
+    async def _connect_successor(self, address: str, peer_id: str | None) -> None:
+        assert self._nursery is not None
+        ready = trio.Event()
+        failure: list[BaseException] = []
+
+        async def hold() -> None:
+            with trio.CancelScope() as scope:
+                self._successor_scope = scope
+                try:
+                    async with open_connection(
+                        address,
+                        self.identity,
+                        self._cluster_key,
+                        verify_signature,
+                        expected_peer_id=peer_id,
+                        name=self.name,
+                    ) as conn:
+                        self._successor = conn
+                        ready.set()
+                        while True:  # the successor only ever sends errors back
+                            message, _ = await conn.receive()
+                            if isinstance(message, Error):
+                                log.warning("successor %s: %s", conn.remote_name, message.message)
+                except (DnetError, ProtocolError) as exc:
+                    failure.append(exc)
+                finally:
+                    if self._successor_scope is scope:
+                        self._successor = None
+                    ready.set()
+
+        self._nursery.start_soon(hold)
+        await ready.wait()
+        if failure:
+            raise PeerUnavailable(f"cannot reach the next peer {address}: {failure[0]}")
+
+    # -- request work ---------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        async for _conn, message, payload in self._work_receive:
+            rid = str(getattr(message, "request_id", ""))
+            try:
+                await self._work(message, payload)
+            except DnetError as exc:
+                self._meta.pop(rid, None)
+                self._out_send.send_nowait(
+                    ("controller", Error(exc.code, exc.message, rid, self.peer_id), b"")
+                )
+
+    async def _work(self, message: Message, payload: bytes) -> None:
+        engine = self.engine
+        if isinstance(message, EndRequest | Cancel):
+            self._meta.pop(message.request_id, None)
+            if engine is not None:
+                await self._compute.run(engine.end, message.request_id)
+            return
+        if engine is None:
+            raise ModelNotLoaded("no model is loaded on this peer")
+        if isinstance(message, StartRequest):
+            params = SamplingParams(
+                temperature=message.temperature,
+                top_p=message.top_p,
+                top_k=message.top_k,
+                min_p=message.min_p,
+                repetition_penalty=message.repetition_penalty,
+                repetition_context_size=message.repetition_context_size,
+                seed=message.seed,
+                top_logprobs=message.top_logprobs,
+            )
+            await self._compute.run(
+                engine.start, message.request_id, params, message.prompt_tokens, message.max_context
+            )
+            if engine.slice.is_last:
+                self._meta[message.request_id] = _Meta(
+                    message.max_tokens, frozenset(message.stop_token_ids)
+                )
+            else:
+                self._out_send.send_nowait(("next", message, b""))
+            return
+        assert isinstance(message, Activation)
+        tensor = HostTensor(message.dtype, message.shape, payload)
+        out = await self._compute.run(
+            lambda: engine.run(
+                message.request_id, tensor, position=message.position, sample=message.sample
+            )
+        )
+        self._count(message.shape[1] if len(message.shape) > 1 else message.shape[0])
+        if isinstance(out, HostTensor):
+            forward = Activation(
+                message.request_id, message.position, out.dtype, out.shape, message.sample
+            )
+            self._out_send.send_nowait(("next", forward, out.data))
+        elif isinstance(out, SampledToken):
+            self._out_send.send_nowait(("controller", self._token(message.request_id, out), b""))
+
+    def _token(self, rid: str, token: SampledToken) -> Token:
+        meta = self._meta.get(rid)
+        index, reason = 0, None
+        if meta is not None:
+            index = meta.generated
+            meta.generated += 1
+            if token.token_id in meta.stop_token_ids:
+                reason = "stop"
+            elif meta.generated >= meta.max_tokens:
+                reason = "length"
+        return Token(rid, token.token_id, token.logprob, token.top_logprobs, reason, index)
+
+    async def _sender(self) -> None:
+        async for target, message, payload in self._out_receive:
+            conn = self._successor if target == "next" else self.controller
+            rid = getattr(message, "request_id", None)
+            if conn is None:
+                if target == "next" and rid is not None:
+                    self._report(rid, "the next peer is not connected")
+                continue
+            try:
+                await conn.send(message, payload)
+            except LinkClosed:
+                if target == "next" and rid is not None:
+                    self._report(
+                        rid,
+                        f"the next peer {conn.remote_name} ({conn.remote_peer_id[:12]}) is gone",
+                    )
+
+    def _report(self, rid: str, why: str) -> None:
+        self._out_send.send_nowait(
+            ("controller", Error(PeerUnavailable.code, why, rid, self.peer_id), b"")
+        )
+
+    async def _reaper(self) -> None:
+        period = max(1.0, min(60.0, self._idle_timeout / 4))
+        while True:
+            await trio.sleep(period)
+            engine = self.engine
+            if engine is not None:
+                for rid in await self._compute.run(engine.expire_idle, self._idle_timeout):
+                    self._meta.pop(rid, None)
+                    log.info("freed idle request %s", rid)
+
+    # -- status -------------------------------------------------------------------
+
+    def _count(self, n: int) -> None:
+        now = time.monotonic()
+        self._recent.append((now, n))
+        while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
+            self._recent.popleft()
+
+    def tokens_per_s(self) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._recent if now - t <= RATE_WINDOW_S]
+        if not recent:
+            return 0.0
+        return sum(n for _, n in recent) / max(now - recent[0][0], 1.0)
+
+    def status(self) -> Status:
+        mem = psutil.virtual_memory()
+        engine, loaded = self.engine, self.loaded
+        stats: Any = engine.statistics() if engine is not None else None
+        return Status(
+            peer_id=self.peer_id,
+            name=self.name,
+            memory_total=mem.total,
+            memory_available=mem.available,
+            model=loaded.model if loaded else None,
+            layers=(loaded.start, loaded.end) if loaded else None,
+            active_requests=stats.requests if stats else 0,
+            tokens_processed=stats.tokens_processed if stats else 0,
+            tokens_per_s=self.tokens_per_s(),
+            kv_bytes=stats.kv_bytes if stats else 0,
+            weight_bytes=stats.weight_bytes if stats else 0,
+        )

@@ -1,0 +1,195 @@
+"""Message types: frozen attrs classes, one cattrs tagged union keyed by ``type``.
+
+A message with a tensor (``Activation``) names its ``dtype`` and ``shape`` here; the
+bytes ride in the frame's payload.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+
+@attrs.frozen
+class Hello:
+    """Handshake, first message of the connecting side."""
+
+    protocol: str
+    peer_id: str
+    public_key: str  # hex, raw Ed25519
+    nonce: str  # hex
+    name: str = ""
+
+
+@attrs.frozen
+class HelloReply:
+    """Handshake, the accepting side's answer: its identity and proofs."""
+
+    protocol: str
+    peer_id: str
+    public_key: str
+    nonce: str
+    mac: str  # HMAC(cluster key, server label | transcript)
+    signature: str  # Ed25519 over the transcript
+    name: str = ""
+
+
+@attrs.frozen
+class HelloFinish:
+    """Handshake, the connecting side's proofs."""
+
+    mac: str
+    signature: str
+
+
+@attrs.frozen
+class StatusRequest:
+    pass
+
+
+@attrs.frozen
+class Status:
+    peer_id: str
+    name: str
+    memory_total: int
+    memory_available: int
+    model: str | None
+    layers: tuple[int, int] | None
+    active_requests: int
+    tokens_processed: int
+    tokens_per_s: float
+    kv_bytes: int = 0
+    weight_bytes: int = 0
+
+
+@attrs.frozen
+class ProfileRequest:
+    pass
+
+
+@attrs.frozen
+class Profile:
+    """A device profile (measured by a later issue)."""
+
+    peer_id: str
+    fields: dict[str, float] = attrs.Factory(dict)
+
+
+@attrs.frozen
+class LoadSlice:
+    """Load layers ``[start, end)`` of ``model``; forward results to ``next_address``
+    (a ``ws://`` URL) whose identity must be ``next_peer_id``. The last slice has no
+    next peer: its tokens go to the head."""
+
+    model: str
+    start: int
+    end: int
+    is_first: bool
+    is_last: bool
+    next_address: str | None = None
+    next_peer_id: str | None = None
+    dtype: str | None = None  # as stored, for checking; None: whatever the files hold
+    max_context: int | None = None
+
+
+@attrs.frozen
+class Loaded:
+    model: str
+    start: int
+    end: int
+    weight_bytes: int
+    load_seconds: float
+
+
+@attrs.frozen
+class Unload:
+    pass
+
+
+@attrs.frozen
+class Unloaded:
+    pass
+
+
+@attrs.frozen
+class StartRequest:
+    """Create a request's state. Travels the ring ahead of its activations."""
+
+    request_id: str
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_context_size: int = 20
+    seed: int | None = None
+    top_logprobs: int = 0
+    max_tokens: int = 256
+    max_context: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    prompt_tokens: tuple[int, ...] = ()
+
+
+@attrs.frozen
+class Activation:
+    """Positions ``[position, position + shape[1])`` of a request: token ids (int32)
+    into the first slice, hidden states between slices. ``sample`` asks the last
+    slice for a token (false for prefill chunks before the last)."""
+
+    request_id: str
+    position: int
+    dtype: str
+    shape: tuple[int, ...]
+    sample: bool = True
+
+
+@attrs.frozen
+class Token:
+    request_id: str
+    token_id: int
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None  # "stop" (a stop token) | "length" | None
+    index: int = 0  # 0 for the first generated token
+
+
+@attrs.frozen
+class EndRequest:
+    request_id: str
+
+
+@attrs.frozen
+class Cancel:
+    request_id: str
+
+
+@attrs.frozen
+class Error:
+    code: str
+    message: str
+    request_id: str | None = None
+    peer_id: str | None = None
+
+
+Message = (
+    Hello
+    | HelloReply
+    | HelloFinish
+    | StatusRequest
+    | Status
+    | ProfileRequest
+    | Profile
+    | LoadSlice
+    | Loaded
+    | Unload
+    | Unloaded
+    | StartRequest
+    | Activation
+    | Token
+    | EndRequest
+    | Cancel
+    | Error
+)
+
+MESSAGE_TYPES: tuple[type[Any], ...] = Message.__args__

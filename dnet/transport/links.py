@@ -1,0 +1,103 @@
+"""The ``Link`` seam and its two implementations.
+
+A link moves whole binary messages and knows nothing of their contents. Closing
+either end makes the other end's ``receive`` raise ``LinkClosed``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from dnet.errors import PeerUnavailable
+
+# Prefill activations are chunked by the head, but one chunk can still be several
+# MiB: lift trio-websocket's 1 MiB default well above any chunk we send.
+MAX_MESSAGE_BYTES = 1 << 30
+RECEIVE_BUFFER_BYTES = 1 << 20
+
+
+class LinkClosed(PeerUnavailable):
+    """The other end went away (or this end was closed)."""
+
+    code = "link_closed"
+
+
+class Link(Protocol):
+    async def send(self, data: bytes) -> None: ...
+
+    async def receive(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+class WebSocketLink:
+    """A ``Link`` over a trio-websocket connection."""
+
+    def __init__(self, ws: WebSocketConnection, description: str) -> None:
+        self._ws = ws
+        self.description = description
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._ws.send_message(data)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise LinkClosed(f"connection to {self.description} closed") from exc
+
+    async def receive(self) -> bytes:
+        try:
+            message = await self._ws.get_message()
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise LinkClosed(f"connection to {self.description} closed") from exc
+        if isinstance(message, str):
+            # Text frames are not part of the protocol: treat as garbage bytes.
+            return message.encode()
+        return message
+
+    async def aclose(self) -> None:
+        try:
+            await self._ws.aclose()
+        finally:
+            # trio-websocket 0.12 leaves the TCP stream open when the peer starts
+            # the close (a ResourceWarning); close it ourselves.
+            stream = getattr(self._ws, "_stream", None)
+            if stream is not None:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+
+
+class MemoryLink:
+    """One end of an in-memory link pair (``memory_link_pair``)."""
+
+    def __init__(
+        self, send: trio.MemorySendChannel[bytes], receive: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
+        self._send = send
+        self._receive = receive
+        self.description = "memory"
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._send.send(bytes(data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise LinkClosed("memory link closed") from exc
+
+    async def receive(self) -> bytes:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            raise LinkClosed("memory link closed") from exc
+
+    async def aclose(self) -> None:
+        await self._send.aclose()
+        await self._receive.aclose()
+
+
+def memory_link_pair() -> tuple[MemoryLink, MemoryLink]:
+    """Two connected in-memory links, for tests."""
+    a_send, b_receive = trio.open_memory_channel[bytes](math.inf)
+    b_send, a_receive = trio.open_memory_channel[bytes](math.inf)
+    return MemoryLink(a_send, a_receive), MemoryLink(b_send, b_receive)
