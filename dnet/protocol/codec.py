@@ -65,7 +65,12 @@ def encode(message: Message, payload: bytes = b"") -> bytes:
         _check_tensor(message, len(payload))
     elif payload:
         raise ProtocolError(f"{type(message).__name__} carries no payload")
-    header = json.dumps(_CONVERTER.unstructure(message, Message), separators=(",", ":")).encode()
+    try:
+        header = json.dumps(
+            _CONVERTER.unstructure(message, Message), separators=(",", ":"), allow_nan=False
+        ).encode()
+    except ValueError as exc:
+        raise ProtocolError(f"cannot encode {type(message).__name__}: {exc}") from None
     return _LEN.pack(len(header)) + header + payload
 
 

@@ -83,4 +83,7 @@ async def open_compute_thread(name: str = "dnet-compute") -> AsyncIterator[Compu
         yield compute
     finally:
         compute.close()
-        await trio.to_thread.run_sync(compute.join)
+        # Shielded: the thread cannot be abandoned mid-job, and a Cancelled here
+        # would mask whatever exception is on its way out.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(compute.join)

@@ -1,0 +1,192 @@
+"""The frame codec: every message round-trips; garbage only ever raises ProtocolError."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import struct
+
+import attrs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dnet.protocol.codec import ProtocolError, decode, encode
+from dnet.protocol.messages import MESSAGE_TYPES, Activation, Cancel, Status, Token
+
+ints = st.integers(min_value=-(2**40), max_value=2**40)
+floats = st.floats(allow_nan=False, allow_infinity=False, width=64)
+texts = st.text(max_size=20)
+
+
+def _messages():
+    custom = {
+        Activation: st.builds(
+            Activation,
+            request_id=texts,
+            position=st.integers(0, 10_000),
+            dtype=st.sampled_from(["float32", "float16", "bfloat16", "int32"]),
+            shape=st.lists(st.integers(0, 6), min_size=1, max_size=3).map(tuple),
+            sample=st.booleans(),
+        ),
+        Status: st.builds(
+            Status,
+            peer_id=texts,
+            name=texts,
+            memory_total=ints,
+            memory_available=ints,
+            model=st.none() | texts,
+            layers=st.none() | st.tuples(st.integers(0, 99), st.integers(0, 99)),
+            active_requests=ints,
+            tokens_processed=ints,
+            tokens_per_s=floats,
+            kv_bytes=ints,
+            weight_bytes=ints,
+        ),
+        Token: st.builds(
+            Token,
+            request_id=texts,
+            token_id=ints,
+            logprob=floats,
+            top_logprobs=st.lists(st.tuples(ints, floats), max_size=3).map(tuple),
+            finish_reason=st.none() | st.sampled_from(["stop", "length"]),
+            index=ints,
+        ),
+    }
+    generic = [st.from_type(c) for c in MESSAGE_TYPES if c not in custom]
+    return st.one_of(*custom.values(), *generic)
+
+
+def _payload(message):
+    if isinstance(message, Activation):
+        size = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4}[message.dtype]
+        return bytes(math.prod(message.shape) * size)
+    return b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(_messages())
+def test_every_message_round_trips(message):
+    payload = _payload(message)
+    if not all(math.isfinite(v) for v in _floats(attrs.asdict(message))):
+        with pytest.raises(ProtocolError):  # JSON has no NaN or infinity
+            encode(message, payload)
+        return
+    assert decode(encode(message, payload)) == (message, payload)
+
+
+def _floats(value):
+    if isinstance(value, float):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _floats(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _floats(v)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_raise_only_protocol_errors(data):
+    with contextlib.suppress(ProtocolError):
+        decode(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    _messages().filter(lambda m: all(math.isfinite(v) for v in _floats(attrs.asdict(m)))), st.data()
+)
+def test_mutated_frames_raise_only_protocol_errors(message, data):
+    frame = bytearray(encode(message, _payload(message)))
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        i = data.draw(st.integers(0, max(0, len(frame) - 1)))
+        if op == "flip" and frame:
+            frame[i] ^= data.draw(st.integers(1, 255))
+        elif op == "cut":
+            del frame[i:]
+        else:
+            frame[i:i] = data.draw(st.binary(min_size=1, max_size=8))
+    with contextlib.suppress(ProtocolError):
+        decode(bytes(frame))
+
+
+def _frame(header: dict, payload: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<I", len(raw)) + raw + payload
+
+
+@pytest.mark.parametrize(
+    ("header", "payload", "match"),
+    [
+        ({"type": "Nope"}, b"", "unknown message type"),
+        ({"request_id": "r"}, b"", "type"),
+        ({"type": "Cancel"}, b"", "request_id"),
+        ({"type": "Cancel", "request_id": 5}, b"", "expected str"),
+        ({"type": "Cancel", "request_id": "r", "extra": 1}, b"", "extra"),
+        ({"type": "Token", "request_id": "r", "token_id": "5", "logprob": 0.0}, b"", "int"),
+        ({"type": "Token", "request_id": "r", "token_id": 5.5, "logprob": 0.0}, b"", "int"),
+        ({"type": "Token", "request_id": "r", "token_id": True, "logprob": 0.0}, b"", "int"),
+        ({"type": "Cancel", "request_id": "r"}, b"xx", "no payload"),
+        (
+            {
+                "type": "Activation",
+                "request_id": "r",
+                "position": 0,
+                "dtype": "float32",
+                "shape": [1, 2],
+            },
+            b"x" * 7,
+            "payload",
+        ),
+        (
+            {
+                "type": "Activation",
+                "request_id": "r",
+                "position": 0,
+                "dtype": "complex",
+                "shape": [1],
+            },
+            b"",
+            "dtype",
+        ),
+        (
+            {
+                "type": "Activation",
+                "request_id": "r",
+                "position": -1,
+                "dtype": "int32",
+                "shape": [1],
+            },
+            bytes(4),
+            "negative",
+        ),
+        (
+            {
+                "type": "Activation",
+                "request_id": "r",
+                "position": 0,
+                "dtype": "float32",
+                "shape": [2**20, 2**20],
+            },
+            b"",
+            "payload",
+        ),
+    ],
+)
+def test_bad_headers_are_named(header, payload, match):
+    with pytest.raises(ProtocolError, match=match):
+        decode(_frame(header, payload))
+
+
+def test_truncated_and_oversized_headers():
+    with pytest.raises(ProtocolError):
+        decode(b"\x01\x00")
+    with pytest.raises(ProtocolError, match="header length"):
+        decode(struct.pack("<I", 1000) + b"{}")
+    with pytest.raises(ProtocolError, match="not JSON"):
+        decode(struct.pack("<I", 3) + b"\xff\xfe\x00")
+    with pytest.raises(ProtocolError):
+        encode(Cancel("r"), b"payload")
