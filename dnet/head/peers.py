@@ -14,7 +14,7 @@ import trio
 
 from dnet.errors import PeerError, PeerUnavailable
 from dnet.protocol.codec import ProtocolError
-from dnet.protocol.messages import Error, Message, Token
+from dnet.protocol.messages import Error, Message, Status, StatusRequest, Token
 from dnet.transport.connection import Connection
 from dnet.transport.links import LinkClosed
 
@@ -85,6 +85,11 @@ class PeerClient:
                 ) from None
         if isinstance(reply, Error):
             raise PeerError(f"peer {self.label}: {reply.message}", reply.code, self.peer_id)
+        return reply
+
+    async def call_status(self) -> Status:
+        reply = await self.call(StatusRequest())
+        assert isinstance(reply, Status)
         return reply
 
     async def send(self, message: Message, payload: bytes = b"") -> None:

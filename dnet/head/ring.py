@@ -31,7 +31,6 @@ from dnet.protocol.messages import (
     LoadSlice,
     StartRequest,
     Status,
-    StatusRequest,
     Token,
     Unload,
 )
@@ -122,12 +121,7 @@ class Ring:
     # -- control -------------------------------------------------------------------
 
     async def status(self) -> list[Status]:
-        out = []
-        for p in self.peers:
-            reply = await p.call(StatusRequest())
-            assert isinstance(reply, Status)
-            out.append(reply)
-        return out
+        return [await p.call_status() for p in self.peers]
 
     async def load(
         self, model: str, plan: Sequence[PlanEntry], *, max_context: int | None = None

@@ -1,0 +1,195 @@
+"""A live peer refuses strangers and garbage, and keeps serving everyone else."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from dnet.identity import Identity, verify_signature
+from dnet.protocol.codec import decode, encode
+from dnet.protocol.handshake import ClientHandshake, HandshakeFailed
+from dnet.protocol.messages import (
+    Activation,
+    Error,
+    Hello,
+    Status,
+    StatusRequest,
+    Token,
+)
+from dnet.transport.connection import open_connection
+from dnet.transport.links import WebSocketLink
+
+from .conftest import CLUSTER_KEY, open_peers
+
+RECV_TIMEOUT = 5
+
+
+async def status_over_fresh_connection(address: str) -> Status:
+    async with open_connection(address, Identity.generate(), CLUSTER_KEY, verify_signature) as conn:
+        await conn.send(StatusRequest())
+        with trio.fail_after(RECV_TIMEOUT):
+            reply, _ = await conn.receive()
+    assert isinstance(reply, Status)
+    return reply
+
+
+@asynccontextmanager
+async def raw_websocket(address: str):
+    """A bare WebSocket to a peer, with no handshake of ours."""
+    async with open_websocket_url(address) as ws:
+        try:
+            yield ws
+        finally:
+            # trio-websocket leaks the socket when the server closes first.
+            await WebSocketLink(ws, address).aclose()
+
+
+async def read_until_closed(ws) -> list:
+    """Every message the peer sends before it closes the connection."""
+    got = []
+    with trio.fail_after(RECV_TIMEOUT):
+        try:
+            while True:
+                got.append(decode(await ws.get_message())[0])
+        except ConnectionClosed:
+            pass
+    return got
+
+
+async def test_wrong_cluster_key_is_refused_both_ways():
+    async with open_peers(1) as [(address, daemon)]:
+        with pytest.raises(HandshakeFailed, match="cluster key"):
+            async with open_connection(address, Identity.generate(), b"w" * 32, verify_signature):
+                pass
+        # A client with the wrong key that forges on: the peer closes before reading more.
+        async with raw_websocket(address) as ws:
+            hs = ClientHandshake(Identity.generate(), b"w" * 32, verify_signature)
+            await ws.send_message(hs.hello())
+            await ws.get_message()  # the peer's reply; we cannot verify it
+            from dnet.protocol.messages import HelloFinish
+
+            await ws.send_message(encode(HelloFinish("00" * 32, "00" * 64)))
+            await ws.send_message(encode(StatusRequest()))
+            got = await read_until_closed(ws)
+            assert [type(m) for m in got] == [Error] and got[0].code == "handshake_failed"
+        assert (await status_over_fresh_connection(address)).peer_id == daemon.peer_id
+
+
+async def test_spoofed_peer_id_and_unauthenticated_frames_are_refused():
+    victim = Identity.generate()
+    async with open_peers(1) as [(address, daemon)]:
+        attacker = Identity.generate()
+        async with raw_websocket(address) as ws:
+            await ws.send_message(
+                encode(Hello("dnet/1", victim.peer_id, attacker.public_key.hex(), "11" * 32))
+            )
+            await ws.send_message(encode(StatusRequest()))
+            got = await read_until_closed(ws)
+            assert [type(m) for m in got] == [Error] and "does not belong" in got[0].message
+        # No handshake at all: the first frame is refused, nothing is answered.
+        async with raw_websocket(address) as ws:
+            await ws.send_message(encode(StatusRequest()))
+            got = await read_until_closed(ws)
+            assert [type(m) for m in got] == [Error] and got[0].code == "handshake_failed"
+        # Pinning the wrong peer id on our side fails too.
+        with pytest.raises(HandshakeFailed, match="expected"):
+            async with open_connection(
+                address,
+                Identity.generate(),
+                CLUSTER_KEY,
+                verify_signature,
+                expected_peer_id=victim.peer_id,
+            ):
+                pass
+        assert (await status_over_fresh_connection(address)).peer_id == daemon.peer_id
+
+
+async def test_out_of_order_messages_close_only_that_connection():
+    async with (
+        open_peers(1) as [(address, _)],
+        open_connection(address, Identity.generate(), CLUSTER_KEY, verify_signature) as bad,
+        open_connection(address, Identity.generate(), CLUSTER_KEY, verify_signature) as good,
+    ):
+        await bad.send(Token("r", 1, 0.0))  # a peer never accepts tokens
+        with trio.fail_after(RECV_TIMEOUT):
+            reply, _ = await bad.receive()
+        assert isinstance(reply, Error) and reply.code == "protocol_error"
+        await good.send(StatusRequest())
+        with trio.fail_after(RECV_TIMEOUT):
+            reply, _ = await good.receive()
+        assert isinstance(reply, Status)
+
+
+def _mutate(frame: bytes, data) -> bytes:
+    buf = bytearray(frame)
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, max(0, len(buf) - 1)))
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        if op == "flip" and buf:
+            buf[i] ^= data.draw(st.integers(1, 255))
+        elif op == "cut":
+            del buf[i:]
+        else:
+            buf[i:i] = data.draw(st.binary(min_size=1, max_size=6))
+    return bytes(buf)
+
+
+SEEDS = [
+    encode(StatusRequest()),
+    encode(Token("r", 1, -0.5)),
+    encode(Activation("r", 0, "float32", (1, 1, 4)), bytes(16)),
+]
+
+
+def test_a_live_peer_survives_random_and_mutated_frames(tmp_path):
+    """Frames from an authenticated client: the peer answers or sends an error and
+    closes that connection; it never crashes and keeps serving new connections."""
+    from .conftest import PeerProcess
+
+    key_file = tmp_path / "k"
+    key_file.write_text(CLUSTER_KEY.hex())
+    peer = PeerProcess(tmp_path / "state", key_file, "fuzz")
+    try:
+
+        async def probe(frames: list[bytes]) -> None:
+            async with open_connection(
+                peer.address, Identity.generate(), CLUSTER_KEY, verify_signature
+            ) as conn:
+                for frame in frames:
+                    try:
+                        await conn.link.send(frame)
+                    except Exception:
+                        break
+                with trio.move_on_after(2):
+                    try:
+                        while True:
+                            message, _ = await conn.receive()
+                            assert isinstance(message, Status | Error), message
+                    except Exception as exc:
+                        assert "closed" in str(exc) or type(exc).__name__ in (
+                            "LinkClosed",
+                            "ProtocolError",
+                        )
+            status = await status_over_fresh_connection(peer.address)
+            assert status.peer_id == peer.peer_id
+
+        @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(st.data())
+        def fuzz(data):
+            frames = []
+            for _ in range(data.draw(st.integers(1, 3))):
+                if data.draw(st.booleans()):
+                    frames.append(data.draw(st.binary(max_size=64)))
+                else:
+                    frames.append(_mutate(data.draw(st.sampled_from(SEEDS)), data))
+            trio.run(probe, frames)
+
+        fuzz()
+        assert peer.proc.poll() is None, "the peer died"
+    finally:
+        peer.stop()

@@ -1,0 +1,147 @@
+"""``dnet-peer`` as separate processes: parity, a peer killed mid-request, restarts."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from contextlib import aclosing
+
+import mlx.core as mx
+import pytest
+import trio
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+
+from dnet.errors import PeerError, PeerUnavailable
+from dnet.head.ring import PlanEntry, open_ring
+from dnet.identity import Identity
+
+from .conftest import CLUSTER_KEY, LINE
+
+
+def plan(ring, cuts):
+    return [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(ring.peers, cuts, strict=True)]
+
+
+@pytest.mark.parametrize(("arch", "bits"), [("qwen3", None), ("deepseek_v2", 4)])
+async def test_subprocess_rings_match_mlx_lm(tiny_model, peer_processes, arch, bits):
+    path = tiny_model(arch=arch, dtype="bfloat16", quantize=bits)
+    model, tokenizer = load(str(path))
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tell me a story."}], add_generation_prompt=True
+    )
+    expected = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=32)]
+    procs = peer_processes(3)
+    for cuts in ([(0, 3), (3, 4)], [(0, 1), (1, 2), (2, 4)]):
+        chosen = procs[: len(cuts)]
+        async with open_ring(
+            [p.address for p in chosen],
+            Identity.generate(),
+            CLUSTER_KEY,
+            expected_peer_ids=[p.peer_id for p in chosen],
+        ) as ring:
+            await ring.load(str(path), plan(ring, cuts))
+            async with aclosing(ring.generate(prompt, max_tokens=32)) as events:
+                got = [e.token_id async for e in events]
+            assert got == expected[: len(got)] and (
+                len(got) == 32 or got[-1] in tokenizer.eos_token_ids
+            )
+            await ring.unload()
+
+
+async def test_killed_peer_fails_the_request_fast_and_the_others_free_it(
+    tiny_model, peer_processes
+):
+    path = tiny_model(arch="qwen3", layers=6)
+    a, b, c = peer_processes(3)
+    async with open_ring(
+        [a.address, b.address, c.address], Identity.generate(), CLUSTER_KEY
+    ) as ring:
+        await ring.load(str(path), plan(ring, [(0, 2), (2, 4), (4, 6)]))
+        killed_at = None
+        with pytest.raises((PeerUnavailable, PeerError)) as info:
+            async with aclosing(ring.generate([1, 2, 3, 4, 5], max_tokens=2000)) as events:
+                async for e in events:
+                    if e.index == 5:
+                        b.kill()
+                        killed_at = time.monotonic()
+        assert killed_at is not None
+        assert time.monotonic() - killed_at < 5.0
+        assert b.peer_id[:12] in str(info.value), str(info.value)
+        # The survivors were told to free the request.
+        survivors = [p for p in ring.peers if p.peer_id != b.peer_id]
+        with trio.fail_after(5):
+            while True:
+                statuses = [await p.call_status() for p in survivors]
+                if all(s.active_requests == 0 for s in statuses):
+                    break
+                await trio.sleep(0.05)
+        # And they still serve.
+        assert all(s.layers is not None for s in statuses)
+
+
+def test_peer_cli_prints_its_address_keeps_its_id_and_stops_on_sigterm(tmp_path):
+    state = tmp_path / "state"
+    runs = []
+    for _ in range(2):
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dnet.cli_peer",
+                "--state-dir",
+                str(state),
+                "--name",
+                "cli-test",
+                "--no-mdns",
+                "--no-openblas",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            line = proc.stdout.readline()
+            match = LINE.search(line)
+            assert match, line
+            assert "name=cli-test" in line
+            runs.append(match.group(2))
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+            err = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            proc.stdout.close()
+            proc.stderr.close()
+        if len(runs) == 1:
+            assert "generated a new cluster key" in err and str(state / "cluster.key") in err
+        else:
+            assert "generated" not in err
+    assert runs[0] == runs[1], "the peer id must survive a restart"
+    assert (state / "identity.key").stat().st_mode & 0o077 == 0
+
+
+def test_peer_cli_rejects_a_bad_cluster_key_file(tmp_path):
+    bad = tmp_path / "bad.key"
+    bad.write_text("not hex")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dnet.cli_peer",
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--cluster-key-file",
+            str(bad),
+            "--no-mdns",
+            "--no-openblas",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "not hex" in out.stderr
