@@ -3,6 +3,13 @@
 
     scripts/bench.py runtime [--dtypes float32 bfloat16] [--prompt-tokens 128]
                              [--new-tokens 32] [--repeats 2] [--layers 28]
+    scripts/bench.py ring [--peers 1 2 3] [--dtype float32] [--prompt-tokens 512]
+
+``ring``: 1, 2 and 3 ``dnet-peer`` processes on loopback against single-process
+``mlx_lm.stream_generate`` (measured before and after the rings; the mean is the
+baseline): decode tok/s ratio, time to first token for a 512-token prompt, and the
+one-way transport cost of a decode-sized activation (half a Ping/Pong round trip
+carrying 4 KiB), p50/p90 in µs.
 
 ``runtime``: decode and prefill tokens/s of the sliced runtime, run as 2 slices in
 one process (activations cross the cut as bytes), against ``mlx_lm.stream_generate``
@@ -134,6 +141,134 @@ def bench_runtime(args) -> dict:
     return report
 
 
+def _start_peers(n: int, key_file: Path, state: Path) -> list:
+    import re
+    import subprocess
+
+    procs = []
+    for i in range(n):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dnet.cli_peer", "--state-dir", str(state / f"p{i}"),
+             "--cluster-key-file", str(key_file), "--name", f"bench{i}", "--no-mdns",
+             "--log-level", "WARNING"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        line = proc.stdout.readline()
+        match = re.search(r"listening (ws://\S+) peer-id=(\S+)", line)
+        if not match:
+            raise RuntimeError(f"dnet-peer did not start: {line!r}")
+        procs.append((proc, match.group(1), match.group(2)))
+    return procs
+
+
+def _stop_peers(procs) -> None:
+    import signal
+    import subprocess
+
+    for proc, _, _ in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc, _, _ in procs:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+
+
+def _pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def _ring_run(procs, path, cuts, prompt, n, pings):
+    from contextlib import aclosing
+
+    from dnet.head.ring import PlanEntry, open_ring
+    from dnet.identity import Identity
+
+    key = bytes.fromhex(os.environ["DNET_BENCH_KEY"])
+    async with open_ring([a for _, a, _ in procs], Identity.generate(), key) as ring:
+        t0 = time.perf_counter()
+        await ring.load(str(path), [PlanEntry(pid, s, e) for (_, _, pid), (s, e) in zip(procs, cuts, strict=True)])
+        load_s = time.perf_counter() - t0
+
+        async def timed(p, k):
+            start = time.perf_counter()
+            ids, first = [], None
+            async with aclosing(ring.generate(p, max_tokens=k)) as events:
+                async for e in events:
+                    ids.append(e.token_id)
+                    first = first or time.perf_counter()
+            end = time.perf_counter()
+            return first - start, (len(ids) - 1) / (end - first) if len(ids) > 1 else 0.0, ids
+
+        await timed(prompt[:8], 2)  # warm-up
+        ttft, decode, ids = await timed(prompt, n)
+        payload = bytes(4 * 1024)  # one decode step's float32 activation (hidden 1024)
+        for _ in range(20):
+            await ring.peers[0].ping(payload)
+        rtts = [await ring.peers[0].ping(payload) for _ in range(pings)]
+        hop_us = [r / 2 * 1e6 for r in rtts]
+        return {
+            "load_s": load_s,
+            "ttft_s": ttft,
+            "decode_tok_s": decode,
+            "hop_us_p50": _pct(hop_us, 0.5),
+            "hop_us_p90": _pct(hop_us, 0.9),
+        }, ids
+
+
+def bench_ring(args) -> dict:
+    import secrets
+    import tempfile
+
+    import trio
+
+    cache = default_cache_dir(os.environ) / "models"
+    spec = TinySpec(layers=args.layers, dtype=args.dtype, **QWEN3_0_6B)
+    path = ensure_tiny_model(cache, spec)
+    prompt = [(i * 7919) % 150000 + 300 for i in range(args.prompt_tokens)]
+    model, tokenizer = load(str(path))
+    run_mlx_lm(model, tokenizer, prompt[:8], 2)
+    base = []
+    ttft, dec, ref = run_mlx_lm(model, tokenizer, prompt, args.new_tokens)
+    base.append({"ttft_s": ttft, "decode_tok_s": dec})
+    report: dict = {
+        "mode": "ring",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "blas": loaded_blas() or "bundled reference BLAS",
+        "model": str(path),
+        "dtype": args.dtype,
+        "prompt_tokens": len(prompt),
+        "new_tokens": args.new_tokens,
+        "rings": {},
+    }
+    key = secrets.token_hex(32)
+    os.environ["DNET_BENCH_KEY"] = key
+    with tempfile.TemporaryDirectory() as tmp:
+        key_file = Path(tmp) / "cluster.key"
+        key_file.write_text(key)
+        for n in args.peers:
+            procs = _start_peers(n, key_file, Path(tmp))
+            try:
+                cuts = even_cuts(args.layers, n)
+                result, ids = trio.run(_ring_run, procs, path, cuts, prompt, args.new_tokens, args.pings)
+            finally:
+                _stop_peers(procs)
+            result["greedy_tokens_identical"] = ids == ref[: len(ids)]
+            report["rings"][str(n)] = result
+            print(f"{n} peers: {json.dumps(result)}", file=sys.stderr)
+    ttft, dec, _ = run_mlx_lm(model, tokenizer, prompt, args.new_tokens)
+    base.append({"ttft_s": ttft, "decode_tok_s": dec})
+    baseline = {k: statistics.mean(b[k] for b in base) for k in base[0]}
+    report["mlx_lm"] = {"runs": base, "mean": baseline}
+    for result in report["rings"].values():
+        result["ratio_decode"] = result["decode_tok_s"] / baseline["decode_tok_s"]
+        result["ratio_ttft"] = result["ttft_s"] / baseline["ttft_s"]
+    return report
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -151,8 +286,16 @@ def main() -> int:
     r.add_argument("--repeats", type=int, default=2)
     r.add_argument("--layers", type=int, default=28)
     r.add_argument("--out", help="also write the JSON report here")
+    g = sub.add_parser("ring", help="1, 2, 3 dnet-peer processes on loopback vs mlx_lm.stream_generate")
+    g.add_argument("--peers", nargs="+", type=int, default=[1, 2, 3])
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--prompt-tokens", type=int, default=512)
+    g.add_argument("--new-tokens", type=int, default=32)
+    g.add_argument("--pings", type=int, default=500)
+    g.add_argument("--layers", type=int, default=28)
+    g.add_argument("--out", help="also write the JSON report here")
     args = p.parse_args()
-    report = bench_runtime(args)
+    report = bench_runtime(args) if args.mode == "runtime" else bench_ring(args)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 
 import trio
 
 from dnet.errors import PeerError, PeerUnavailable
 from dnet.protocol.codec import ProtocolError
-from dnet.protocol.messages import Error, Message, Status, StatusRequest, Token
+from dnet.protocol.messages import Error, Message, Ping, Pong, Status, StatusRequest, Token
 from dnet.transport.connection import Connection
 from dnet.transport.links import LinkClosed
 
@@ -31,6 +32,7 @@ class PeerClient:
         self.name = conn.remote_name
         self.alive = True
         self._lock = trio.Lock()
+        self._seq = 0
         self._reply_send, self._reply_receive = trio.open_memory_channel[Message](math.inf)
 
     def __repr__(self) -> str:
@@ -86,6 +88,27 @@ class PeerClient:
         if isinstance(reply, Error):
             raise PeerError(f"peer {self.label}: {reply.message}", reply.code, self.peer_id)
         return reply
+
+    async def ping(self, payload: bytes = b"", timeout: float = 10.0) -> float:
+        """Round-trip seconds of a ``Ping`` carrying ``payload`` (echoed back).
+
+        Raises:
+            PeerUnavailable, PeerError
+        """
+        self._seq += 1
+        start = time.perf_counter()
+        async with self._lock:
+            try:
+                await self.conn.send(Ping(self._seq), payload)
+                with trio.fail_after(timeout):
+                    reply = await self._reply_receive.receive()
+            except (LinkClosed, trio.EndOfChannel, trio.ClosedResourceError) as exc:
+                raise PeerUnavailable(f"peer {self.label} went away") from exc
+            except trio.TooSlowError:
+                raise PeerUnavailable(f"peer {self.label} did not answer a ping in {timeout:.0f}s") from None
+        if not isinstance(reply, Pong) or reply.seq != self._seq:
+            raise PeerError(f"peer {self.label} answered a ping with {reply!r}")
+        return time.perf_counter() - start
 
     async def call_status(self) -> Status:
         reply = await self.call(StatusRequest())

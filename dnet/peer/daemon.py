@@ -30,6 +30,8 @@ from dnet.protocol.messages import (
     Loaded,
     LoadSlice,
     Message,
+    Ping,
+    Pong,
     Profile,
     ProfileRequest,
     StartRequest,
@@ -131,6 +133,12 @@ class PeerDaemon:
                     return
                 if isinstance(message, REQUEST_WORK):
                     self._work_send.send_nowait((conn, message, payload))
+                    continue
+                if isinstance(message, Ping):
+                    try:
+                        await conn.send(Pong(message.seq), payload)
+                    except LinkClosed:
+                        return
                     continue
                 try:
                     reply = await self._control(conn, message)

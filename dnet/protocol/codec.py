@@ -16,11 +16,13 @@ import cattrs
 from cattrs.strategies import configure_tagged_union
 
 from dnet.errors import DnetError
-from dnet.protocol.messages import MESSAGE_TYPES, Activation, Message
+from dnet.protocol.messages import MESSAGE_TYPES, Activation, Message, Ping, Pong
 from dnet.tensor import ITEMSIZE
 
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 1 << 30
+# Besides activations, only link probes carry (opaque) payload bytes.
+PAYLOAD_TYPES = (Ping, Pong)
 _LEN = struct.Struct("<I")
 
 
@@ -63,7 +65,7 @@ def encode(message: Message, payload: bytes = b"") -> bytes:
     """
     if isinstance(message, Activation):
         _check_tensor(message, len(payload))
-    elif payload:
+    elif payload and not isinstance(message, PAYLOAD_TYPES):
         raise ProtocolError(f"{type(message).__name__} carries no payload")
     try:
         header = json.dumps(
@@ -102,7 +104,7 @@ def decode(frame: bytes | bytearray | memoryview) -> tuple[Message, bytes]:
     payload = data[4 + size :]
     if isinstance(message, Activation):
         _check_tensor(message, len(payload))
-    elif payload:
+    elif payload and not isinstance(message, PAYLOAD_TYPES):
         raise ProtocolError(f"{raw['type']} carries no payload, got {len(payload)} bytes")
     return message, payload
 

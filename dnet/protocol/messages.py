@@ -165,6 +165,18 @@ class Cancel:
 
 
 @attrs.frozen
+class Ping:
+    """Echo request for measuring a link; the payload comes back in ``Pong``."""
+
+    seq: int
+
+
+@attrs.frozen
+class Pong:
+    seq: int
+
+
+@attrs.frozen
 class Error:
     code: str
     message: str
@@ -189,6 +201,8 @@ Message = (
     | Token
     | EndRequest
     | Cancel
+    | Ping
+    | Pong
     | Error
 )
 

@@ -179,3 +179,14 @@ async def test_requests_before_load_fail_cleanly(tiny_model):
             await collect(ring, [1, 2, 3])
         with pytest.raises(ModelNotFound):
             await ring.load("/nonexistent/model", [PlanEntry(ring.peers[0].peer_id, 0, 4)])
+
+
+async def test_ping_echoes_its_payload():
+    async with open_peers(1) as peers, open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring:
+        peer = ring.peers[0]
+        rtt = await peer.ping(bytes(range(256)) * 16)
+        assert 0 < rtt < 5
+        # The payload really travels both ways: a bigger one takes longer on average.
+        small = sorted([await peer.ping(b"") for _ in range(20)])[10]
+        big = sorted([await peer.ping(bytes(8 << 20)) for _ in range(3)])[1]
+        assert big > small
