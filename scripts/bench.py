@@ -9,7 +9,8 @@
 ``mlx_lm.stream_generate`` (measured before and after the rings; the mean is the
 baseline): decode tok/s ratio, time to first token for a 512-token prompt, and the
 one-way transport cost of a decode-sized activation (half a Ping/Pong round trip
-carrying 4 KiB), p50/p90 in µs.
+carrying 4 KiB), p50/p90 in µs: ``hop_us`` is one way, from the head's send to
+the peer's decode (monotonic clocks on one host), ``half_rtt_us`` half the round trip.
 
 ``runtime``: decode and prefill tokens/s of the sliced runtime, run as 2 slices in
 one process (activations cross the cut as bytes), against ``mlx_lm.stream_generate``
@@ -148,10 +149,22 @@ def _start_peers(n: int, key_file: Path, state: Path) -> list:
     procs = []
     for i in range(n):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dnet.cli_peer", "--state-dir", str(state / f"p{i}"),
-             "--cluster-key-file", str(key_file), "--name", f"bench{i}", "--no-mdns",
-             "--log-level", "WARNING"],
-            stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "dnet.cli_peer",
+                "--state-dir",
+                str(state / f"p{i}"),
+                "--cluster-key-file",
+                str(key_file),
+                "--name",
+                f"bench{i}",
+                "--no-mdns",
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         line = proc.stdout.readline()
         match = re.search(r"listening (ws://\S+) peer-id=(\S+)", line)
@@ -190,7 +203,10 @@ async def _ring_run(procs, path, cuts, prompt, n, pings):
     key = bytes.fromhex(os.environ["DNET_BENCH_KEY"])
     async with open_ring([a for _, a, _ in procs], Identity.generate(), key) as ring:
         t0 = time.perf_counter()
-        await ring.load(str(path), [PlanEntry(pid, s, e) for (_, _, pid), (s, e) in zip(procs, cuts, strict=True)])
+        await ring.load(
+            str(path),
+            [PlanEntry(pid, s, e) for (_, _, pid), (s, e) in zip(procs, cuts, strict=True)],
+        )
         load_s = time.perf_counter() - t0
 
         async def timed(p, k):
@@ -208,14 +224,17 @@ async def _ring_run(procs, path, cuts, prompt, n, pings):
         payload = bytes(4 * 1024)  # one decode step's float32 activation (hidden 1024)
         for _ in range(20):
             await ring.peers[0].ping(payload)
-        rtts = [await ring.peers[0].ping(payload) for _ in range(pings)]
-        hop_us = [r / 2 * 1e6 for r in rtts]
+        probes = [await ring.peers[0].ping(payload) for _ in range(pings)]
+        hop_us = [one_way * 1e6 for _, one_way in probes]
+        half_rtt_us = [rtt / 2 * 1e6 for rtt, _ in probes]
         return {
             "load_s": load_s,
             "ttft_s": ttft,
             "decode_tok_s": decode,
             "hop_us_p50": _pct(hop_us, 0.5),
             "hop_us_p90": _pct(hop_us, 0.9),
+            "half_rtt_us_p50": _pct(half_rtt_us, 0.5),
+            "half_rtt_us_p90": _pct(half_rtt_us, 0.9),
         }, ids
 
 
@@ -253,7 +272,9 @@ def bench_ring(args) -> dict:
             procs = _start_peers(n, key_file, Path(tmp))
             try:
                 cuts = even_cuts(args.layers, n)
-                result, ids = trio.run(_ring_run, procs, path, cuts, prompt, args.new_tokens, args.pings)
+                result, ids = trio.run(
+                    _ring_run, procs, path, cuts, prompt, args.new_tokens, args.pings
+                )
             finally:
                 _stop_peers(procs)
             result["greedy_tokens_identical"] = ids == ref[: len(ids)]
@@ -286,7 +307,9 @@ def main() -> int:
     r.add_argument("--repeats", type=int, default=2)
     r.add_argument("--layers", type=int, default=28)
     r.add_argument("--out", help="also write the JSON report here")
-    g = sub.add_parser("ring", help="1, 2, 3 dnet-peer processes on loopback vs mlx_lm.stream_generate")
+    g = sub.add_parser(
+        "ring", help="1, 2, 3 dnet-peer processes on loopback vs mlx_lm.stream_generate"
+    )
     g.add_argument("--peers", nargs="+", type=int, default=[1, 2, 3])
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     g.add_argument("--prompt-tokens", type=int, default=512)

@@ -89,8 +89,10 @@ class PeerClient:
             raise PeerError(f"peer {self.label}: {reply.message}", reply.code, self.peer_id)
         return reply
 
-    async def ping(self, payload: bytes = b"", timeout: float = 10.0) -> float:
-        """Round-trip seconds of a ``Ping`` carrying ``payload`` (echoed back).
+    async def ping(self, payload: bytes = b"", timeout: float = 10.0) -> tuple[float, float]:
+        """Round-trip and one-way seconds of a ``Ping`` carrying ``payload`` (echoed
+        back). The one-way figure compares monotonic clocks, so it means something
+        only when the peer runs on this host.
 
         Raises:
             PeerUnavailable, PeerError
@@ -99,16 +101,19 @@ class PeerClient:
         start = time.perf_counter()
         async with self._lock:
             try:
-                await self.conn.send(Ping(self._seq), payload)
+                sent_ns = time.monotonic_ns()
+                await self.conn.send(Ping(self._seq, sent_ns), payload)
                 with trio.fail_after(timeout):
                     reply = await self._reply_receive.receive()
             except (LinkClosed, trio.EndOfChannel, trio.ClosedResourceError) as exc:
                 raise PeerUnavailable(f"peer {self.label} went away") from exc
             except trio.TooSlowError:
-                raise PeerUnavailable(f"peer {self.label} did not answer a ping in {timeout:.0f}s") from None
+                raise PeerUnavailable(
+                    f"peer {self.label} did not answer a ping in {timeout:.0f}s"
+                ) from None
         if not isinstance(reply, Pong) or reply.seq != self._seq:
             raise PeerError(f"peer {self.label} answered a ping with {reply!r}")
-        return time.perf_counter() - start
+        return time.perf_counter() - start, (reply.received_ns - sent_ns) / 1e9
 
     async def call_status(self) -> Status:
         reply = await self.call(StatusRequest())

@@ -97,6 +97,7 @@ class Ring:
         self.tokenizer: Any = None
         self.max_context: int | None = None
         self._sessions: dict[str, trio.MemorySendChannel[Token | Error | _Failure]] = {}
+        self.closing = False
 
     # -- peer events (called from the PeerClient tasks) --------------------------
 
@@ -106,6 +107,8 @@ class Ring:
             channel.send_nowait(message)
 
     def _on_closed(self, peer: PeerClient, why: str) -> None:
+        if self.closing:
+            return
         log.warning("peer %s %s", peer.label, why)
         if peer in self.order:
             failure = _Failure(PeerUnavailable(f"peer {peer.label} {why}"))
@@ -346,4 +349,5 @@ async def open_ring(
         try:
             yield ring
         finally:
+            ring.closing = True
             nursery.cancel_scope.cancel()

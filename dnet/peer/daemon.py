@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections import deque
+from functools import partial
 from typing import Any
 
 import attrs
@@ -109,7 +110,7 @@ class PeerDaemon:
             nursery.start_soon(self._sender)
             nursery.start_soon(self._reaper)
             bound = await nursery.start(
-                serve_connections,
+                partial(serve_connections, name=self.name),
                 self._serve,
                 host,
                 port,
@@ -136,7 +137,7 @@ class PeerDaemon:
                     continue
                 if isinstance(message, Ping):
                     try:
-                        await conn.send(Pong(message.seq), payload)
+                        await conn.send(Pong(message.seq, time.monotonic_ns()), payload)
                     except LinkClosed:
                         return
                     continue

@@ -166,14 +166,18 @@ class Cancel:
 
 @attrs.frozen
 class Ping:
-    """Echo request for measuring a link; the payload comes back in ``Pong``."""
+    """Echo request for measuring a link; the payload comes back in ``Pong``.
+    ``sent_ns``/``received_ns`` are CLOCK_MONOTONIC stamps: on one host they give
+    the one-way time of the ping."""
 
     seq: int
+    sent_ns: int = 0
 
 
 @attrs.frozen
 class Pong:
     seq: int
+    received_ns: int = 0
 
 
 @attrs.frozen

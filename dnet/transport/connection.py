@@ -13,12 +13,6 @@ from contextlib import asynccontextmanager, suppress
 from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import (
-    HandshakeError,
-    WebSocketRequest,
-    open_websocket_url,
-    serve_websocket,
-)
 
 from dnet.errors import PeerUnavailable
 from dnet.protocol import WS_PATH
@@ -31,13 +25,8 @@ from dnet.protocol.handshake import (
     Verify,
 )
 from dnet.protocol.messages import Error, Message
-from dnet.transport.links import (
-    MAX_MESSAGE_BYTES,
-    RECEIVE_BUFFER_BYTES,
-    Link,
-    LinkClosed,
-    WebSocketLink,
-)
+from dnet.transport.links import Link, LinkClosed
+from dnet.transport.websocket import WsLink, connect_websocket, serve_websocket
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +35,8 @@ CONNECT_TIMEOUT_S = 10.0
 
 
 class Connection:
-    """Framed messages over an authenticated link. Sends are serialised, so many
-    tasks may share one connection."""
+    """Framed messages over an authenticated link. Links serialise sends, so many
+    tasks may share one connection; one task reads it."""
 
     def __init__(
         self, link: Link, remote_peer_id: str, remote_name: str, address: str = ""
@@ -56,7 +45,6 @@ class Connection:
         self.remote_peer_id = remote_peer_id
         self.remote_name = remote_name
         self.address = address
-        self._send_lock = trio.Lock()
         self.closed = False
 
     def __repr__(self) -> str:
@@ -66,9 +54,7 @@ class Connection:
         """Raises:
         LinkClosed
         """
-        frame = encode(message, payload)
-        async with self._send_lock:
-            await self.link.send(frame)
+        await self.link.send(encode(message, payload))
 
     async def receive(self) -> tuple[Message, bytes]:
         """Raises:
@@ -168,35 +154,24 @@ async def open_connection(
         PeerUnavailable: cannot connect; HandshakeFailed: the peer is not who we
         expect or not in our cluster.
     """
-    check_address(address)
-    connected = False
+    parts = urlsplit(check_address(address))
+    assert parts.hostname is not None and parts.port is not None
+    link = await connect_websocket(
+        parts.hostname, parts.port, parts.path or WS_PATH, CONNECT_TIMEOUT_S
+    )
     try:
-        async with open_websocket_url(
-            address,
-            max_message_size=MAX_MESSAGE_BYTES,
-            receive_buffer_size=RECEIVE_BUFFER_BYTES,
-            connect_timeout=CONNECT_TIMEOUT_S,
-            disconnect_timeout=2,
-        ) as ws:
-            link = WebSocketLink(ws, address)
-            conn = await client_handshake(
-                link,
-                identity,
-                cluster_key,
-                verify,
-                expected_peer_id=expected_peer_id,
-                name=name,
-                address=address,
-            )
-            connected = True
-            try:
-                yield conn
-            finally:
-                await conn.aclose()
-    except (OSError, HandshakeError, trio.TooSlowError) as exc:
-        if connected:
-            raise
-        raise PeerUnavailable(f"cannot connect to {address}: {exc}") from exc
+        conn = await client_handshake(
+            link,
+            identity,
+            cluster_key,
+            verify,
+            expected_peer_id=expected_peer_id,
+            name=name,
+            address=address,
+        )
+        yield conn
+    finally:
+        await link.aclose()
 
 
 async def serve_connections(
@@ -213,39 +188,13 @@ async def serve_connections(
     """Accept WebSocket connections on ``WS_PATH``, authenticate each, and run
     ``handler(connection)``; reports the bound port through ``task_status``."""
 
-    async def accept(request: WebSocketRequest) -> None:
-        if request.path != WS_PATH:
-            await request.reject(404, body=f"dnet speaks on {WS_PATH}\n".encode())
-            return
-        ws = await request.accept()
-        remote = ws.remote
-        link = WebSocketLink(
-            ws, f"{getattr(remote, 'address', '?')}:{getattr(remote, 'port', '?')}"
-        )
+    async def accept(link: WsLink) -> None:
         try:
             conn = await server_handshake(link, identity, cluster_key, verify, name=name)
         except (HandshakeFailed, LinkClosed) as exc:
             log.warning("refused a connection from %s: %s", link.description, exc)
-            await link.aclose()
             return
         conn.address = link.description
-        try:
-            await handler(conn)
-        finally:
-            await conn.aclose()
+        await handler(conn)
 
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            lambda task_status: serve_websocket(
-                accept,
-                host,
-                port,
-                None,
-                handler_nursery=nursery,
-                max_message_size=MAX_MESSAGE_BYTES,
-                receive_buffer_size=RECEIVE_BUFFER_BYTES,
-                disconnect_timeout=2,
-                task_status=task_status,
-            )
-        )
-        task_status.started(server.port)
+    await serve_websocket(accept, host, port, WS_PATH, task_status=task_status)

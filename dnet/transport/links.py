@@ -1,4 +1,5 @@
-"""The ``Link`` seam and its two implementations.
+"""The ``Link`` seam and its in-memory implementation (the WebSocket one is in
+``dnet.transport.websocket``).
 
 A link moves whole binary messages and knows nothing of their contents. Closing
 either end makes the other end's ``receive`` raise ``LinkClosed``.
@@ -10,12 +11,11 @@ import math
 from typing import Protocol
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from dnet.errors import PeerUnavailable
 
 # Prefill activations are chunked by the head, but one chunk can still be several
-# MiB: lift trio-websocket's 1 MiB default well above any chunk we send.
+# MiB: far above the 1 MiB default of common WebSocket stacks.
 MAX_MESSAGE_BYTES = 1 << 30
 RECEIVE_BUFFER_BYTES = 1 << 20
 
@@ -32,41 +32,6 @@ class Link(Protocol):
     async def receive(self) -> bytes: ...
 
     async def aclose(self) -> None: ...
-
-
-class WebSocketLink:
-    """A ``Link`` over a trio-websocket connection."""
-
-    def __init__(self, ws: WebSocketConnection, description: str) -> None:
-        self._ws = ws
-        self.description = description
-
-    async def send(self, data: bytes) -> None:
-        try:
-            await self._ws.send_message(data)
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise LinkClosed(f"connection to {self.description} closed") from exc
-
-    async def receive(self) -> bytes:
-        try:
-            message = await self._ws.get_message()
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise LinkClosed(f"connection to {self.description} closed") from exc
-        if isinstance(message, str):
-            # Text frames are not part of the protocol: treat as garbage bytes.
-            return message.encode()
-        return message
-
-    async def aclose(self) -> None:
-        try:
-            await self._ws.aclose()
-        finally:
-            # trio-websocket 0.12 leaves the TCP stream open when the peer starts
-            # the close (a ResourceWarning); close it ourselves.
-            stream = getattr(self._ws, "_stream", None)
-            if stream is not None:
-                with trio.CancelScope(shield=True):
-                    await stream.aclose()
 
 
 class MemoryLink:

@@ -22,7 +22,6 @@ from dnet.protocol.messages import (
     Token,
 )
 from dnet.transport.connection import open_connection
-from dnet.transport.links import WebSocketLink
 
 from .conftest import CLUSTER_KEY, open_peers
 
@@ -45,8 +44,9 @@ async def raw_websocket(address: str):
         try:
             yield ws
         finally:
-            # trio-websocket leaks the socket when the server closes first.
-            await WebSocketLink(ws, address).aclose()
+            # trio-websocket 0.12 leaks the socket when the server closes first.
+            await ws.aclose()
+            await ws._stream.aclose()
 
 
 async def read_until_closed(ws) -> list:
