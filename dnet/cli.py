@@ -162,7 +162,7 @@ def peer_main(argv: list[str] | None = None) -> int:
     if settings.use_openblas:
         from dnet.runtime.blas import preload_openblas
 
-        preload_openblas()
+        preload_openblas(settings.openblas_thread_timeout)
     import trio
 
     from dnet.identity import load_cluster_key, load_identity

@@ -81,6 +81,8 @@ class PeerSettings:
     mdns: bool = True
     request_idle_timeout_s: float = 600.0
     use_openblas: bool = True
+    # None: leave OpenBLAS's own setting (the user set OPENBLAS_THREAD_TIMEOUT).
+    openblas_thread_timeout: int | None = 20
     log_level: str = "INFO"
 
     @classmethod
@@ -103,5 +105,6 @@ class PeerSettings:
             mdns=not get("no_mdns") and env.get("DNET_MDNS", "1") != "0",
             request_idle_timeout_s=float(env.get("DNET_REQUEST_IDLE_TIMEOUT", "600")),
             use_openblas=not get("no_openblas") and env.get("DNET_OPENBLAS", "1") != "0",
+            openblas_thread_timeout=None if "OPENBLAS_THREAD_TIMEOUT" in env else 20,
             log_level=(get("log_level") or env.get("DNET_LOG_LEVEL") or "INFO").upper(),
         )
