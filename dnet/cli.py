@@ -200,22 +200,24 @@ async def _run_peer(settings: object, identity: object, key: bytes) -> None:
     from dnet.runtime.compute import open_compute_thread
 
     assert isinstance(settings, PeerSettings) and isinstance(identity, Identity)
-    async with open_compute_thread() as compute, trio.open_nursery() as nursery:
-        daemon = PeerDaemon(
-            identity,
-            key,
-            compute,
-            name=settings.name,
-            request_idle_timeout_s=settings.request_idle_timeout_s,
-        )
-        port = await nursery.start(daemon.run, settings.host, settings.port)
-        host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        print(
-            f"dnet-peer listening ws://{host}:{port}{WS_PATH} peer-id={identity.peer_id} "
-            f"name={settings.name}",
-            flush=True,
-        )
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # Catch the signals before announcing the address: whoever reads that line may
+    # signal at once.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_compute_thread() as compute, trio.open_nursery() as nursery:
+            daemon = PeerDaemon(
+                identity,
+                key,
+                compute,
+                name=settings.name,
+                request_idle_timeout_s=settings.request_idle_timeout_s,
+            )
+            port = await nursery.start(daemon.run, settings.host, settings.port)
+            host = f"[{settings.host}]" if ":" in settings.host else settings.host
+            print(
+                f"dnet-peer listening ws://{host}:{port}{WS_PATH} peer-id={identity.peer_id} "
+                f"name={settings.name}",
+                flush=True,
+            )
             async for signum in signals:
                 log.info("stopping on %s", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

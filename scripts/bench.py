@@ -9,8 +9,10 @@
 ``mlx_lm.stream_generate`` (measured before and after the rings; the mean is the
 baseline): decode tok/s ratio, time to first token for a 512-token prompt, and the
 one-way transport cost of a decode-sized activation (half a Ping/Pong round trip
-carrying 4 KiB), p50/p90 in µs: ``hop_us`` is one way, from the head's send to
-the peer's decode (monotonic clocks on one host), ``half_rtt_us`` half the round trip.
+carrying 4 KiB), p50/p90 in µs: ``hop_us`` is one way in the direction activations
+travel between peers (a server sending to the client that dialled it: unmasked),
+from the encode on one side to the decode on the other (monotonic clocks, one host);
+``to_peer_us`` the other direction (masked), ``half_rtt_us`` half the round trip.
 
 ``runtime``: decode and prefill tokens/s of the sliced runtime, run as 2 slices in
 one process (activations cross the cut as bytes), against ``mlx_lm.stream_generate``
@@ -225,14 +227,17 @@ async def _ring_run(procs, path, cuts, prompt, n, pings):
         for _ in range(20):
             await ring.peers[0].ping(payload)
         probes = [await ring.peers[0].ping(payload) for _ in range(pings)]
-        hop_us = [one_way * 1e6 for _, one_way in probes]
-        half_rtt_us = [rtt / 2 * 1e6 for rtt, _ in probes]
+        hop_us = [p.from_peer * 1e6 for p in probes]
+        to_peer_us = [p.to_peer * 1e6 for p in probes]
+        half_rtt_us = [p.round_trip / 2 * 1e6 for p in probes]
         return {
             "load_s": load_s,
             "ttft_s": ttft,
             "decode_tok_s": decode,
             "hop_us_p50": _pct(hop_us, 0.5),
             "hop_us_p90": _pct(hop_us, 0.9),
+            "to_peer_us_p50": _pct(to_peer_us, 0.5),
+            "to_peer_us_p90": _pct(to_peer_us, 0.9),
             "half_rtt_us_p50": _pct(half_rtt_us, 0.5),
             "half_rtt_us_p90": _pct(half_rtt_us, 0.9),
         }, ids

@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable
 
+import attrs
 import trio
 
 from dnet.errors import PeerError, PeerUnavailable
@@ -24,6 +25,15 @@ log = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 600.0  # loading a large slice from disk can take minutes
 
 
+@attrs.frozen
+class PingTimes:
+    """Seconds: the round trip, and each way (one host's monotonic clock)."""
+
+    round_trip: float
+    to_peer: float
+    from_peer: float
+
+
 class PeerClient:
     def __init__(self, conn: Connection, address: str) -> None:
         self.conn = conn
@@ -33,6 +43,7 @@ class PeerClient:
         self.alive = True
         self._lock = trio.Lock()
         self._seq = 0
+        self._pong_arrived_ns = 0
         self._reply_send, self._reply_receive = trio.open_memory_channel[Message](math.inf)
 
     def __repr__(self) -> str:
@@ -57,6 +68,8 @@ class PeerClient:
                 ):
                     on_request_message(message)
                 else:
+                    if isinstance(message, Pong):
+                        self._pong_arrived_ns = time.monotonic_ns()
                     self._reply_send.send_nowait(message)
         except LinkClosed:
             pass
@@ -89,10 +102,12 @@ class PeerClient:
             raise PeerError(f"peer {self.label}: {reply.message}", reply.code, self.peer_id)
         return reply
 
-    async def ping(self, payload: bytes = b"", timeout: float = 10.0) -> tuple[float, float]:
-        """Round-trip and one-way seconds of a ``Ping`` carrying ``payload`` (echoed
-        back). The one-way figure compares monotonic clocks, so it means something
-        only when the peer runs on this host.
+    async def ping(self, payload: bytes = b"", timeout: float = 10.0) -> PingTimes:
+        """Time a ``Ping`` carrying ``payload`` there and its ``Pong`` back.
+
+        The one-way figures compare monotonic clocks, so they mean something only
+        when the peer runs on this host. ``from_peer`` is the direction activations
+        travel between peers (server to client, unmasked).
 
         Raises:
             PeerUnavailable, PeerError
@@ -113,7 +128,11 @@ class PeerClient:
                 ) from None
         if not isinstance(reply, Pong) or reply.seq != self._seq:
             raise PeerError(f"peer {self.label} answered a ping with {reply!r}")
-        return time.perf_counter() - start, (reply.received_ns - sent_ns) / 1e9
+        return PingTimes(
+            time.perf_counter() - start,
+            (reply.received_ns - sent_ns) / 1e9,
+            (self._pong_arrived_ns - reply.received_ns) / 1e9,
+        )
 
     async def call_status(self) -> Status:
         reply = await self.call(StatusRequest())

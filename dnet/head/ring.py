@@ -153,14 +153,17 @@ class Ring:
         errors: list[DnetError] = []
 
         async def load_one(i: int) -> None:
-            entry, nxt = plan[i], order[i + 1] if i + 1 < len(order) else None
+            entry = plan[i]
+            prev = order[i - 1] if i > 0 else None
+            nxt = order[i + 1] if i + 1 < len(order) else None
             msg = LoadSlice(
                 model=str(info.path),
                 start=entry.start,
                 end=entry.end,
-                is_first=i == 0,
+                is_first=prev is None,
                 is_last=nxt is None,
-                next_address=nxt.address if nxt else None,
+                prev_address=prev.address if prev else None,
+                prev_peer_id=prev.peer_id if prev else None,
                 next_peer_id=nxt.peer_id if nxt else None,
                 max_context=max_context,
             )

@@ -28,6 +28,7 @@ from dnet.protocol.messages import (
     Cancel,
     EndRequest,
     Error,
+    Follow,
     Loaded,
     LoadSlice,
     Message,
@@ -53,6 +54,7 @@ from dnet.transport.links import LinkClosed
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 10.0
+FOLLOW_TIMEOUT_S = 120.0  # the next peer may still be reading its weights
 REQUEST_WORK = (StartRequest, Activation, EndRequest, Cancel)
 
 
@@ -86,8 +88,9 @@ class PeerDaemon:
         self.engine: SliceEngine | None = None
         self.loaded: LoadSlice | None = None
         self.controller: Connection | None = None
-        self._successor: Connection | None = None
-        self._successor_scope: trio.CancelScope | None = None
+        self._followers: dict[str, Connection] = {}
+        self._followed = trio.Event()
+        self._predecessor_scope: trio.CancelScope | None = None
         self._meta: dict[str, _Meta] = {}
         self._recent: deque[tuple[float, int]] = deque()
         self._work_send, self._work_receive = trio.open_memory_channel[
@@ -148,6 +151,8 @@ class PeerDaemon:
                     return
                 except DnetError as exc:
                     reply = Error(exc.code, exc.message, peer_id=self.peer_id)
+                if reply is None:
+                    continue
                 try:
                     await conn.send(reply)
                 except LinkClosed:
@@ -155,8 +160,10 @@ class PeerDaemon:
         finally:
             if self.controller is conn:
                 self.controller = None
+            if self._followers.get(conn.remote_peer_id) is conn:
+                del self._followers[conn.remote_peer_id]
 
-    async def _control(self, conn: Connection, message: Message) -> Message:
+    async def _control(self, conn: Connection, message: Message) -> Message | None:
         if isinstance(message, StatusRequest):
             return self.status()
         if isinstance(message, ProfileRequest):
@@ -167,7 +174,21 @@ class PeerDaemon:
         if isinstance(message, Unload):
             await self._unload()
             return Unloaded()
+        if isinstance(message, Follow):
+            # Any authenticated peer may ask; only the plan's next peer is used.
+            self._followers[conn.remote_peer_id] = conn
+            self._followed.set()
+            self._followed = trio.Event()
+            return None
         raise ProtocolError(f"a peer does not accept {type(message).__name__}")
+
+    @property
+    def _successor(self) -> Connection | None:
+        loaded = self.loaded
+        if loaded is None or loaded.next_peer_id is None:
+            return None
+        conn = self._followers.get(loaded.next_peer_id)
+        return conn if conn is not None and not conn.closed else None
 
     # -- loading ---------------------------------------------------------------
 
@@ -175,6 +196,10 @@ class PeerDaemon:
         async with self._load_lock:
             await self._unload()
             started = time.perf_counter()
+            if not msg.is_first and not (msg.prev_address and msg.prev_peer_id):
+                raise LayerRangeError("a slice that is not first needs its previous peer")
+            if not msg.is_last and not msg.next_peer_id:
+                raise LayerRangeError("a slice that is not last needs its next peer")
             layer_slice = await self._compute.run(load_slice, msg.model, msg.start, msg.end)
             if layer_slice.is_first != msg.is_first or layer_slice.is_last != msg.is_last:
                 raise LayerRangeError(
@@ -182,21 +207,30 @@ class PeerDaemon:
                     f"first={layer_slice.is_first} last={layer_slice.is_last}, the plan says "
                     f"first={msg.is_first} last={msg.is_last}"
                 )
-            if not msg.is_last:
-                if not msg.next_address:
-                    raise LayerRangeError("a slice that is not last needs a next peer address")
-                await self._connect_successor(msg.next_address, msg.next_peer_id)
+            if not msg.is_first:
+                assert msg.prev_address and msg.prev_peer_id
+                await self._follow(msg.prev_address, msg.prev_peer_id)
             self.engine = SliceEngine(layer_slice, max_context=msg.max_context)
             self.loaded = msg
+            if not msg.is_last:
+                await self._wait_for_follower(msg.next_peer_id or "")
             seconds = time.perf_counter() - started
             log.info("loaded %s layers [%d, %d) in %.2fs", msg.model, msg.start, msg.end, seconds)
             return Loaded(msg.model, msg.start, msg.end, layer_slice.weight_bytes, seconds)
 
+    async def _wait_for_follower(self, peer_id: str) -> None:
+        with trio.move_on_after(FOLLOW_TIMEOUT_S):
+            while self._successor is None:
+                await self._followed.wait()
+        if self._successor is None:
+            raise PeerUnavailable(
+                f"the next peer {peer_id[:12]} did not connect within {FOLLOW_TIMEOUT_S:.0f}s"
+            )
+
     async def _unload(self) -> None:
-        if self._successor_scope is not None:
-            self._successor_scope.cancel()
-            self._successor_scope = None
-        self._successor = None
+        if self._predecessor_scope is not None:
+            self._predecessor_scope.cancel()
+            self._predecessor_scope = None
         engine, self.engine, self.loaded = self.engine, None, None
         self._meta.clear()
         if engine is not None:
@@ -204,14 +238,15 @@ class PeerDaemon:
             await self._compute.run(engine.expire_idle, -1.0)
             del engine
 
-    async def _connect_successor(self, address: str, peer_id: str | None) -> None:
+    async def _follow(self, address: str, peer_id: str) -> None:
+        """Dial the previous peer, ask for its outputs, and serve what it sends."""
         assert self._nursery is not None
         ready = trio.Event()
         failure: list[BaseException] = []
 
         async def hold() -> None:
             with trio.CancelScope() as scope:
-                self._successor_scope = scope
+                self._predecessor_scope = scope
                 try:
                     async with open_connection(
                         address,
@@ -221,23 +256,18 @@ class PeerDaemon:
                         expected_peer_id=peer_id,
                         name=self.name,
                     ) as conn:
-                        self._successor = conn
+                        await conn.send(Follow())
                         ready.set()
-                        while True:  # the successor only ever sends errors back
-                            message, _ = await conn.receive()
-                            if isinstance(message, Error):
-                                log.warning("successor %s: %s", conn.remote_name, message.message)
+                        await self._serve(conn)
                 except (DnetError, ProtocolError) as exc:
                     failure.append(exc)
                 finally:
-                    if self._successor_scope is scope:
-                        self._successor = None
                     ready.set()
 
         self._nursery.start_soon(hold)
         await ready.wait()
         if failure:
-            raise PeerUnavailable(f"cannot reach the next peer {address}: {failure[0]}")
+            raise PeerUnavailable(f"cannot reach the previous peer {address}: {failure[0]}")
 
     # -- request work ---------------------------------------------------------------
 

@@ -78,19 +78,30 @@ class Profile:
 
 @attrs.frozen
 class LoadSlice:
-    """Load layers ``[start, end)`` of ``model``; forward results to ``next_address``
-    (a ``ws://`` URL) whose identity must be ``next_peer_id``. The last slice has no
-    next peer: its tokens go to the head."""
+    """Load layers ``[start, end)`` of ``model``.
+
+    Every slice but the first dials its predecessor at ``prev_address`` (which must
+    prove ``prev_peer_id``) and sends ``Follow``; the predecessor streams its outputs
+    back down that connection, server to client, so activations travel unmasked
+    (WebSocket masks only client-to-server frames, in pure Python here). A slice
+    that is not last waits for ``next_peer_id`` to follow it. The last slice's
+    tokens go to the head."""
 
     model: str
     start: int
     end: int
     is_first: bool
     is_last: bool
-    next_address: str | None = None
+    prev_address: str | None = None
+    prev_peer_id: str | None = None
     next_peer_id: str | None = None
     dtype: str | None = None  # as stored, for checking; None: whatever the files hold
     max_context: int | None = None
+
+
+@attrs.frozen
+class Follow:
+    """From a peer to its predecessor: send me your outputs on this connection."""
 
 
 @attrs.frozen
@@ -197,6 +208,7 @@ Message = (
     | ProfileRequest
     | Profile
     | LoadSlice
+    | Follow
     | Loaded
     | Unload
     | Unloaded

@@ -27,7 +27,12 @@ def plan(ring, cuts):
 
 @pytest.mark.parametrize(
     ("arch", "bits", "moe"),
-    [("qwen3", None, True), ("qwen3", 4, True), ("deepseek_v2", None, False), ("deepseek_v2", 4, True)],
+    [
+        ("qwen3", None, True),
+        ("qwen3", 4, True),
+        ("deepseek_v2", None, False),
+        ("deepseek_v2", 4, True),
+    ],
 )
 async def test_subprocess_rings_match_mlx_lm(tiny_model, peer_processes, arch, bits, moe):
     # bfloat16 DeepSeek-V2 runs dense (MLA only): MLX's CPU backend has no bf16 MoE.

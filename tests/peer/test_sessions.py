@@ -189,9 +189,11 @@ async def test_ping_echoes_its_payload():
         open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring,
     ):
         peer = ring.peers[0]
-        rtt, one_way = await peer.ping(bytes(range(256)) * 16)
-        assert 0 < one_way < rtt < 5
+        times = await peer.ping(bytes(range(256)) * 16)
+        assert 0 < times.to_peer < times.round_trip < 5
+        assert 0 < times.from_peer < times.round_trip
+        assert times.to_peer + times.from_peer <= times.round_trip
         # The payload really travels both ways: a bigger one takes longer on average.
-        small = sorted([(await peer.ping(b""))[0] for _ in range(20)])[10]
-        big = sorted([(await peer.ping(bytes(8 << 20)))[0] for _ in range(3)])[1]
+        small = sorted([(await peer.ping(b"")).round_trip for _ in range(20)])[10]
+        big = sorted([(await peer.ping(bytes(8 << 20))).round_trip for _ in range(3)])[1]
         assert big > small
