@@ -81,23 +81,26 @@ class PeerClient:
             self._reply_send.close()
             on_closed(self, why)
 
-    async def call(self, message: Message, timeout: float = CONTROL_TIMEOUT_S) -> Message:
-        """Send a control message and wait for its reply.
-
-        Raises:
-            PeerUnavailable: the peer went away; PeerError: it answered with an error.
-        """
+    async def _round_trip(self, message: Message, payload: bytes, timeout: float) -> Message:
         async with self._lock:
             try:
-                await self.conn.send(message)
+                await self.conn.send(message, payload)
                 with trio.fail_after(timeout):
-                    reply = await self._reply_receive.receive()
+                    return await self._reply_receive.receive()
             except (LinkClosed, trio.EndOfChannel, trio.ClosedResourceError) as exc:
                 raise PeerUnavailable(f"peer {self.label} went away") from exc
             except trio.TooSlowError:
                 raise PeerUnavailable(
                     f"peer {self.label} did not answer {type(message).__name__} in {timeout:.0f}s"
                 ) from None
+
+    async def call(self, message: Message, timeout: float = CONTROL_TIMEOUT_S) -> Message:
+        """Send a control message and wait for its reply.
+
+        Raises:
+            PeerUnavailable: the peer went away; PeerError: it answered with an error.
+        """
+        reply = await self._round_trip(message, b"", timeout)
         if isinstance(reply, Error):
             raise PeerError(f"peer {self.label}: {reply.message}", reply.code, self.peer_id)
         return reply
@@ -114,18 +117,8 @@ class PeerClient:
         """
         self._seq += 1
         start = time.perf_counter()
-        async with self._lock:
-            try:
-                sent_ns = time.monotonic_ns()
-                await self.conn.send(Ping(self._seq, sent_ns), payload)
-                with trio.fail_after(timeout):
-                    reply = await self._reply_receive.receive()
-            except (LinkClosed, trio.EndOfChannel, trio.ClosedResourceError) as exc:
-                raise PeerUnavailable(f"peer {self.label} went away") from exc
-            except trio.TooSlowError:
-                raise PeerUnavailable(
-                    f"peer {self.label} did not answer a ping in {timeout:.0f}s"
-                ) from None
+        sent_ns = time.monotonic_ns()
+        reply = await self._round_trip(Ping(self._seq, sent_ns), payload, timeout)
         if not isinstance(reply, Pong) or reply.seq != self._seq:
             raise PeerError(f"peer {self.label} answered a ping with {reply!r}")
         return PingTimes(

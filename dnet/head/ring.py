@@ -35,6 +35,7 @@ from dnet.protocol.messages import (
     Unload,
 )
 from dnet.sampling import SamplingParams
+from dnet.schedule import prefill_schedule
 from dnet.transport.connection import open_connection
 
 log = logging.getLogger(__name__)
@@ -69,17 +70,6 @@ class PlanEntry:
 @attrs.frozen
 class _Failure:
     error: DnetError
-
-
-def prefill_schedule(num_tokens: int, chunk: int) -> list[tuple[int, int]]:
-    """mlx_lm's prefill: all but the last token in chunks, then the last alone."""
-    spans, pos = [], 0
-    while num_tokens - pos > 1:
-        n = min(chunk, num_tokens - pos - 1)
-        spans.append((pos, pos + n))
-        pos += n
-    spans.append((pos, num_tokens))
-    return spans
 
 
 def _ids_payload(ids: Sequence[int]) -> bytes:
@@ -237,14 +227,7 @@ class Ring:
             await first.send(
                 StartRequest(
                     rid,
-                    params.temperature,
-                    params.top_p,
-                    params.top_k,
-                    params.min_p,
-                    params.repetition_penalty,
-                    params.repetition_context_size,
-                    params.seed,
-                    params.top_logprobs,
+                    params,
                     max_tokens,
                     self.max_context,
                     tuple(sorted(tokenizer.eos_token_ids)),

@@ -46,7 +46,7 @@ from dnet.protocol.messages import (
 from dnet.runtime.compute import ComputeThread
 from dnet.runtime.engine import SliceEngine
 from dnet.runtime.slice import load_slice
-from dnet.sampling import SampledToken, SamplingParams
+from dnet.sampling import SampledToken
 from dnet.tensor import HostTensor
 from dnet.transport.connection import Connection, open_connection, serve_connections
 from dnet.transport.links import LinkClosed
@@ -292,18 +292,12 @@ class PeerDaemon:
         if engine is None:
             raise ModelNotLoaded("no model is loaded on this peer")
         if isinstance(message, StartRequest):
-            params = SamplingParams(
-                temperature=message.temperature,
-                top_p=message.top_p,
-                top_k=message.top_k,
-                min_p=message.min_p,
-                repetition_penalty=message.repetition_penalty,
-                repetition_context_size=message.repetition_context_size,
-                seed=message.seed,
-                top_logprobs=message.top_logprobs,
-            )
             await self._compute.run(
-                engine.start, message.request_id, params, message.prompt_tokens, message.max_context
+                engine.start,
+                message.request_id,
+                message.sampling,
+                message.prompt_tokens,
+                message.max_context,
             )
             if engine.slice.is_last:
                 self._meta[message.request_id] = _Meta(

@@ -101,6 +101,8 @@ def decode(frame: bytes | bytearray | memoryview) -> tuple[Message, bytes]:
         message: Message = _CONVERTER.structure(raw, Message)  # type: ignore[arg-type]
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ProtocolError(f"invalid {raw['type']} header: {_describe(exc)}") from None
+    except DnetError as exc:  # a value's own validation (e.g. SamplingParams ranges)
+        raise ProtocolError(f"invalid {raw['type']} header: {exc.message}") from None
     payload = data[4 + size :]
     if isinstance(message, Activation):
         _check_tensor(message, len(payload))

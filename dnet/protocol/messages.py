@@ -10,6 +10,8 @@ from typing import Any
 
 import attrs
 
+from dnet.sampling import SamplingParams
+
 
 @attrs.frozen
 class Hello:
@@ -128,14 +130,7 @@ class StartRequest:
     """Create a request's state. Travels the ring ahead of its activations."""
 
     request_id: str
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    repetition_context_size: int = 20
-    seed: int | None = None
-    top_logprobs: int = 0
+    sampling: SamplingParams = attrs.Factory(SamplingParams)
     max_tokens: int = 256
     max_context: int | None = None
     stop_token_ids: tuple[int, ...] = ()

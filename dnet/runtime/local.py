@@ -16,6 +16,7 @@ from dnet.runtime.engine import SliceEngine
 from dnet.runtime.model_dir import ModelDir, open_model_dir
 from dnet.runtime.slice import load_slice
 from dnet.sampling import SampledToken, SamplingParams
+from dnet.schedule import prefill_schedule
 
 DEFAULT_PREFILL_CHUNK = 2048
 
@@ -55,18 +56,6 @@ def load_chain(model: ModelDir | str | Path, cuts: Sequence[tuple[int, int]]) ->
     if expected != model.num_layers:
         raise LayerRangeError(f"slice ranges {list(cuts)} do not cover {model.num_layers} layers")
     return [SliceEngine(load_slice(model, s, e)) for s, e in cuts]
-
-
-def prefill_schedule(num_tokens: int, chunk: int) -> list[tuple[int, int]]:
-    """The chunks mlx_lm prefills a prompt in: all but the last token in chunks of
-    ``chunk``, then the last token alone (whose logits give the first new token)."""
-    spans, pos = [], 0
-    while num_tokens - pos > 1:
-        n = min(chunk, num_tokens - pos - 1)
-        spans.append((pos, pos + n))
-        pos += n
-    spans.append((pos, num_tokens))
-    return spans
 
 
 def generate(

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dnet.protocol.codec import ProtocolError, decode, encode
-from dnet.protocol.messages import MESSAGE_TYPES, Activation, Cancel, Status, Token
+from dnet.protocol.messages import MESSAGE_TYPES, Activation, Cancel, StartRequest, Status, Token
+from dnet.sampling import SamplingParams
 
 ints = st.integers(min_value=-(2**40), max_value=2**40)
 floats = st.floats(allow_nan=False, allow_infinity=False, width=64)
@@ -54,6 +55,22 @@ def _messages():
             index=ints,
         ),
     }
+    custom[StartRequest] = st.builds(
+        StartRequest,
+        request_id=texts,
+        sampling=st.builds(
+            SamplingParams,
+            temperature=st.floats(0, 5),
+            top_p=st.floats(0.01, 1),
+            top_k=st.integers(0, 100),
+            min_p=st.floats(0, 1),
+            repetition_penalty=st.floats(0.1, 5),
+            seed=st.none() | st.integers(0, 2**62),
+            top_logprobs=st.integers(0, 20),
+        ),
+        max_tokens=st.integers(1, 10_000),
+        prompt_tokens=st.lists(st.integers(0, 2**31), max_size=5).map(tuple),
+    )
     generic = [st.from_type(c) for c in MESSAGE_TYPES if c not in custom]
     return st.one_of(*custom.values(), *generic)
 
@@ -190,3 +207,12 @@ def test_truncated_and_oversized_headers():
         decode(struct.pack("<I", 3) + b"\xff\xfe\x00")
     with pytest.raises(ProtocolError):
         encode(Cancel("r"), b"payload")
+
+
+def test_sampling_params_are_validated_on_the_wire():
+    header = {"type": "StartRequest", "request_id": "r", "sampling": {"temperature": -1.0}}
+    with pytest.raises(ProtocolError, match="temperature"):
+        decode(_frame(header))
+    ok = {"type": "StartRequest", "request_id": "r", "sampling": {"temperature": 0.5, "seed": 3}}
+    message, _ = decode(_frame(ok))
+    assert message.sampling.temperature == 0.5 and message.sampling.seed == 3
