@@ -210,6 +210,7 @@ async def _run_peer(settings: object, identity: object, key: bytes) -> None:
                 compute,
                 name=settings.name,
                 request_idle_timeout_s=settings.request_idle_timeout_s,
+                state_dir=settings.state_dir,
             )
             port = await nursery.start(daemon.run, settings.host, settings.port)
             host = f"[{settings.host}]" if ":" in settings.host else settings.host

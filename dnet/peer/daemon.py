@@ -14,6 +14,7 @@ import math
 import time
 from collections import deque
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -43,7 +44,9 @@ from dnet.protocol.messages import (
     Unload,
     Unloaded,
 )
+from dnet.runtime.arrays import DTYPES
 from dnet.runtime.compute import ComputeThread
+from dnet.runtime.device_profile import DeviceRates, cached_rates, measure, memory
 from dnet.runtime.engine import SliceEngine
 from dnet.runtime.slice import load_slice
 from dnet.sampling import SampledToken
@@ -78,6 +81,7 @@ class PeerDaemon:
         *,
         name: str = "",
         request_idle_timeout_s: float = 600.0,
+        state_dir: Path | None = None,
     ) -> None:
         self.identity = identity
         self.peer_id = identity.peer_id
@@ -85,6 +89,8 @@ class PeerDaemon:
         self._cluster_key = cluster_key
         self._compute = compute
         self._idle_timeout = request_idle_timeout_s
+        self._state_dir = state_dir  # where measured device rates are cached
+        self._rates: dict[str, DeviceRates] = {}
         self.engine: SliceEngine | None = None
         self.loaded: LoadSlice | None = None
         self.controller: Connection | None = None
@@ -167,7 +173,7 @@ class PeerDaemon:
         if isinstance(message, StatusRequest):
             return self.status()
         if isinstance(message, ProfileRequest):
-            return Profile(self.peer_id)
+            return await self._profile(message.dtype)
         if isinstance(message, LoadSlice):
             self.controller = conn
             return await self._load(message)
@@ -181,6 +187,28 @@ class PeerDaemon:
             self._followed = trio.Event()
             return None
         raise ProtocolError(f"a peer does not accept {type(message).__name__}")
+
+    async def _profile(self, dtype: str) -> Profile:
+        if dtype not in DTYPES:
+            raise ProtocolError(f"cannot profile dtype {dtype!r}")
+        if self._state_dir is not None:
+            rates, cached = await self._compute.run(cached_rates, self._state_dir, dtype)
+        elif dtype in self._rates:
+            rates, cached = self._rates[dtype], True
+        else:
+            rates, cached = await self._compute.run(measure, dtype), False
+        self._rates[dtype] = rates
+        total, available = memory()
+        return Profile(
+            self.peer_id,
+            self.name,
+            dtype,
+            total,
+            available,
+            rates.bandwidth_bytes_s,
+            rates.flops_s,
+            cached,
+        )
 
     @property
     def _successor(self) -> Connection | None:

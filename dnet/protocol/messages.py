@@ -67,15 +67,24 @@ class Status:
 
 @attrs.frozen
 class ProfileRequest:
-    pass
+    """Measure (or recall) this device's rates for the given activation dtype."""
+
+    dtype: str = "float32"
 
 
 @attrs.frozen
 class Profile:
-    """A device profile (measured by a later issue)."""
+    """A device as measured: memory, and decode-relevant rates at ``dtype``:
+    matvec bytes/s (decode reads every weight once per token) and matmul FLOP/s."""
 
     peer_id: str
-    fields: dict[str, float] = attrs.Factory(dict)
+    name: str = ""
+    dtype: str = "float32"
+    memory_total: int = 0
+    memory_available: int = 0
+    bandwidth_bytes_s: float = 0.0
+    flops_s: float = 0.0
+    cached: bool = False
 
 
 @attrs.frozen

@@ -1,0 +1,161 @@
+"""prepare_topology = profile the peers and links + profile the model + solve.
+
+A ``Topology`` is plain data (JSON via ``topology_json``): the model, the devices as
+measured, the assignments in ring order, the predictions, and the peers left out.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import attrs
+import trio
+
+from dnet.head.ring import PlanEntry, Ring
+from dnet.protocol.messages import Loaded, Profile, ProfileRequest
+from dnet.solver.plan import Plan
+from dnet.solver.profiles import HEAD, DeviceProfile, LinkProfile
+from dnet.solver.solve import solve
+
+PROBE_PINGS = 8
+BULK_BYTES = 1 << 20
+
+
+@attrs.frozen
+class TopologyAssignment:
+    peer_id: str
+    name: str
+    address: str
+    start: int
+    end: int
+    next_peer_id: str | None
+    predicted_stage_s: float
+    predicted_memory_bytes: int
+
+
+@attrs.frozen
+class Topology:
+    model: str
+    num_layers: int
+    devices: tuple[DeviceProfile, ...]
+    assignments: tuple[TopologyAssignment, ...]
+    excluded: tuple[tuple[str, str], ...]  # (peer id, reason)
+    objective: str
+    context: int
+    predicted_token_latency_s: float
+    predicted_tokens_per_s: float
+    predicted_ttft_s: float
+
+    def plan_entries(self) -> list[PlanEntry]:
+        return [PlanEntry(a.peer_id, a.start, a.end) for a in self.assignments]
+
+
+def topology_json(topology: Topology) -> dict[str, Any]:
+    return attrs.asdict(topology, recurse=True)
+
+
+async def measure_link(ring: Ring, peer_id: str) -> LinkProfile:
+    """Head-to-peer latency (median half round trip of small pings) and throughput
+    (a 1 MiB ping)."""
+    peer = ring.peer(peer_id)
+    small = [(await peer.ping(b"")).round_trip / 2 for _ in range(PROBE_PINGS)]
+    latency = statistics.median(small)
+    bulk = (await peer.ping(bytes(BULK_BYTES))).round_trip / 2
+    return LinkProfile(latency, BULK_BYTES / max(bulk - latency, 1e-9))
+
+
+async def profile_devices(ring: Ring, dtype: str) -> list[DeviceProfile]:
+    """Each connected peer's measured (or cached) rates, in the order connected."""
+    profiles: dict[str, Profile] = {}
+
+    async def one(peer_id: str) -> None:
+        reply = await ring.peer(peer_id).call(ProfileRequest(dtype))
+        assert isinstance(reply, Profile)
+        profiles[peer_id] = reply
+
+    async with trio.open_nursery() as nursery:
+        for p in ring.peers:
+            nursery.start_soon(one, p.peer_id)
+    return [
+        DeviceProfile(
+            p.peer_id,
+            profiles[p.peer_id].name or p.name,
+            profiles[p.peer_id].memory_available,
+            profiles[p.peer_id].bandwidth_bytes_s,
+            profiles[p.peer_id].flops_s,
+        )
+        for p in ring.peers
+    ]
+
+
+async def prepare_topology(
+    ring: Ring,
+    model: str,
+    *,
+    context: int = 4096,
+    objective: str = "latency",
+    prompt_tokens: int = 512,
+) -> Topology:
+    """Profile the model, the connected peers and their links, and solve.
+
+    Links between peers are not probed yet: a peer-to-peer link is assumed to cost
+    what the slower of the two peers' links to the head costs.
+
+    Raises:
+        NoFeasiblePlan, ModelNotFound, PeerUnavailable
+    """
+    from dnet.runtime.model_dir import open_model_dir
+    from dnet.runtime.model_profile import model_profile
+
+    info = await trio.to_thread.run_sync(open_model_dir, model)
+    profile = model_profile(info)
+    dtype = {4: "float32", 2: "bfloat16"}.get(
+        profile.activation_bytes // int(info.config["hidden_size"]), "float32"
+    )
+    if dtype == "bfloat16" and "float16" in str(info.config.get("torch_dtype", "")):
+        dtype = "float16"
+    devices = await profile_devices(ring, dtype)
+    head_links = {d.peer_id: await measure_link(ring, d.peer_id) for d in devices}
+    links: dict[tuple[str, str], LinkProfile] = {}
+    for d in devices:
+        links[(HEAD, d.peer_id)] = links[(d.peer_id, HEAD)] = head_links[d.peer_id]
+        for e in devices:
+            if d.peer_id != e.peer_id:
+                a, b = head_links[d.peer_id], head_links[e.peer_id]
+                links[(d.peer_id, e.peer_id)] = LinkProfile(
+                    max(a.latency_s, b.latency_s), min(a.bandwidth_bytes_s, b.bandwidth_bytes_s)
+                )
+    plan: Plan = solve(
+        profile, devices, links, context=context, objective=objective, prompt_tokens=prompt_tokens
+    )
+    order = [a.peer_id for a in plan.assignments]
+    return Topology(
+        model=str(info.path),
+        num_layers=info.num_layers,
+        devices=tuple(devices),
+        assignments=tuple(
+            TopologyAssignment(
+                a.peer_id,
+                a.name,
+                ring.peer(a.peer_id).address,
+                a.start,
+                a.end,
+                order[i + 1] if i + 1 < len(order) else None,
+                a.stage_s,
+                a.memory_bytes,
+            )
+            for i, a in enumerate(plan.assignments)
+        ),
+        excluded=tuple((e.peer_id, e.reason) for e in plan.excluded),
+        objective=objective,
+        context=context,
+        predicted_token_latency_s=plan.token_latency_s,
+        predicted_tokens_per_s=plan.tokens_per_s,
+        predicted_ttft_s=plan.ttft_s,
+    )
+
+
+async def load_topology(ring: Ring, topology: Topology) -> list[Loaded]:
+    """Load every peer of ``topology`` in parallel."""
+    return await ring.load(topology.model, topology.plan_entries(), max_context=topology.context)

@@ -1,0 +1,101 @@
+"""Measure this device the way decoding and prefill use it, and cache the result.
+
+Bandwidth is measured as MLX's matrix-vector product over a matrix larger than the
+caches (what a decode step does to every weight); compute as a square matmul (what
+prefill does). Results are cached per hardware and software version, so a repeated
+prepare does not measure again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import attrs
+import mlx.core as mx
+import psutil
+
+from dnet.runtime.arrays import DTYPES
+from dnet.runtime.blas import loaded_blas
+
+log = logging.getLogger(__name__)
+
+CACHE_FILE = "device-profile.json"
+
+
+@attrs.frozen
+class DeviceRates:
+    dtype: str
+    bandwidth_bytes_s: float
+    flops_s: float
+
+
+def _best_time(fn, repeats: int) -> float:
+    fn()  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(dtype: str = "float32", matvec_mib: int = 64, matmul_n: int = 1024) -> DeviceRates:
+    """Measure on the calling thread (the compute thread, in a peer)."""
+    dt = DTYPES[dtype]
+    cols = 4096
+    rows = max(1, matvec_mib * 2**20 // (cols * dt.size))
+    w = mx.random.normal((rows, cols)).astype(dt)
+    v = mx.random.normal((cols, 1)).astype(dt)
+    a = mx.random.normal((matmul_n, matmul_n)).astype(dt)
+    mx.eval(w, v, a)
+    matvec = _best_time(lambda: mx.eval(w @ v), 5)
+    matmul = _best_time(lambda: mx.eval(a @ a), 3)
+    return DeviceRates(dtype, w.nbytes / matvec, 2 * matmul_n**3 / matmul)
+
+
+def _cache_key(dtype: str) -> str:
+    uname = platform.uname()
+    return "|".join(
+        [
+            uname.machine,
+            uname.processor or "",
+            str(os.cpu_count()),
+            version("mlx"),
+            str(mx.default_device()),
+            loaded_blas() or "bundled",
+            dtype,
+        ]
+    )
+
+
+def cached_rates(state_dir: Path, dtype: str) -> tuple[DeviceRates, bool]:
+    """The rates for ``dtype``, measured once per hardware/software combination;
+    returns whether they came from the cache."""
+    path = state_dir / CACHE_FILE
+    key = _cache_key(dtype)
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        entry = cache[key]
+        return DeviceRates(dtype, float(entry["bandwidth_bytes_s"]), float(entry["flops_s"])), True
+    rates = measure(dtype)
+    cache[key] = {"bandwidth_bytes_s": rates.bandwidth_bytes_s, "flops_s": rates.flops_s}
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cache, indent=2) + "\n")
+    except OSError as exc:
+        log.warning("cannot cache the device profile in %s: %s", path, exc)
+    return rates, False
+
+
+def memory() -> tuple[int, int]:
+    mem = psutil.virtual_memory()
+    return mem.total, mem.available

@@ -1,0 +1,20 @@
+"""Device rates are measured once per hardware and software, then cached."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from dnet.runtime.device_profile import CACHE_FILE, cached_rates
+
+
+def test_rates_are_measured_once_then_cached(tmp_path):
+    first, was_cached = cached_rates(tmp_path, "float32")
+    assert not was_cached
+    assert first.bandwidth_bytes_s > 1e7 and first.flops_s > 1e7
+    start = time.perf_counter()
+    again, was_cached = cached_rates(tmp_path, "float32")
+    assert was_cached and again == first
+    assert time.perf_counter() - start < 0.5
+    stored = json.loads((tmp_path / CACHE_FILE).read_text())
+    assert len(stored) == 1 and next(iter(stored)).endswith("|float32")
