@@ -181,8 +181,6 @@ def peer_main(argv: list[str] | None = None) -> int:
             "peer and head of this cluster (--cluster-key-file or DNET_CLUSTER_KEY)",
             file=sys.stderr,
         )
-    if settings.mdns:
-        log.info("mDNS advertising is not implemented yet; peers are reached by address")
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(_run_peer, settings, identity, key)
     return 0
@@ -219,7 +217,40 @@ async def _run_peer(settings: object, identity: object, key: bytes) -> None:
                 f"name={settings.name}",
                 flush=True,
             )
+            if settings.mdns:
+                nursery.start_soon(_advertise, settings, identity.peer_id, port)
             async for signum in signals:
                 log.info("stopping on %s", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _advertise(settings: object, peer_id: str, port: int) -> None:
+    import ipaddress
+
+    import psutil
+    import trio
+
+    from dnet.config import PeerSettings
+    from dnet.discovery.mdns import SERVICE, open_advertiser
+
+    assert isinstance(settings, PeerSettings)
+    if settings.host in ("0.0.0.0", ""):
+        interfaces = sorted(
+            a.address
+            for addrs in psutil.net_if_addrs().values()
+            for a in addrs
+            if a.family.name == "AF_INET" and not ipaddress.ip_address(a.address).is_loopback
+        )
+    else:
+        interfaces = [] if ipaddress.ip_address(settings.host).is_loopback else [settings.host]
+    if not interfaces:
+        log.info("listening on loopback only: not advertising over mDNS")
+        return
+    async with open_advertiser(interfaces, port, peer_id, settings.name):
+        print(
+            f"dnet-peer advertising {SERVICE} name={settings.name} on {', '.join(interfaces)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        await trio.sleep_forever()

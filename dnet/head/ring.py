@@ -12,7 +12,7 @@ import logging
 import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import attrs
@@ -76,18 +76,72 @@ def _ids_payload(ids: Sequence[int]) -> bytes:
     return np.asarray(ids, dtype="<i4").tobytes()
 
 
+class DuplicatePeer(DnetError):
+    """Two live peers prove the same peer id."""
+
+    code = "duplicate_peer"
+
+
 class Ring:
     """Connected peers; after ``load``, the ring of a model. Use ``open_ring``."""
 
-    def __init__(self, nursery: trio.Nursery, peers: list[PeerClient]) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, identity: Identity, cluster_key: bytes, name: str
+    ) -> None:
         self._nursery = nursery
-        self.peers = peers
+        self._identity = identity
+        self._cluster_key = cluster_key
+        self._name = name
+        self.peers: list[PeerClient] = []
+        self.duplicates: list[tuple[str, str]] = []  # (peer id, address) refused as clones
         self.order: list[PeerClient] = []
         self.model: str | None = None
         self.tokenizer: Any = None
         self.max_context: int | None = None
         self._sessions: dict[str, trio.MemorySendChannel[Token | Error | _Failure]] = {}
         self.closing = False
+
+    # -- membership -----------------------------------------------------------------
+
+    async def connect(self, address: str, expected_peer_id: str | None = None) -> PeerClient:
+        """Connect to one more peer; it stays in ``peers`` while connected.
+
+        Raises:
+            PeerUnavailable, HandshakeFailed, DuplicatePeer
+        """
+        client: PeerClient = await self._nursery.start(self._hold, address, expected_peer_id)
+        return client
+
+    async def _hold(
+        self, address: str, expected: str | None, *, task_status: trio.TaskStatus[PeerClient]
+    ) -> None:
+        async with open_connection(
+            address,
+            self._identity,
+            self._cluster_key,
+            verify_signature,
+            expected_peer_id=expected,
+            name=self._name,
+        ) as conn:
+            client = PeerClient(conn, address)
+            twin = next((p for p in self.peers if p.peer_id == client.peer_id and p.alive), None)
+            if twin is not None:
+                if twin.address == address:
+                    task_status.started(twin)  # already connected to this one
+                    return
+                # Two live peers proving one id: a cloned state directory. Report it.
+                self.duplicates.append((client.peer_id, address))
+                raise DuplicatePeer(
+                    f"{address} proves peer id {client.peer_id[:12]}, already live at "
+                    f"{twin.address}: a copied state directory? Give each install its own."
+                )
+            self.peers.append(client)
+            log.info("peer %s joined", client.label)
+            task_status.started(client)
+            try:
+                await client.serve(self._on_request_message, self._on_closed)
+            finally:
+                self.peers.remove(client)
 
     # -- peer events (called from the PeerClient tasks) --------------------------
 
@@ -99,7 +153,7 @@ class Ring:
     def _on_closed(self, peer: PeerClient, why: str) -> None:
         if self.closing:
             return
-        log.warning("peer %s %s", peer.label, why)
+        log.warning("peer %s left: it %s", peer.label, why)
         if peer in self.order:
             failure = _Failure(PeerUnavailable(f"peer {peer.label} {why}"))
             for channel in list(self._sessions.values()):
@@ -307,32 +361,18 @@ async def open_ring(
     expected_peer_ids: Sequence[str | None] | None = None,
     name: str = "head",
 ) -> AsyncIterator[Ring]:
-    """Connect (and authenticate) to every address; closes all on exit.
+    """Connect (and authenticate) to every address (more may join later through
+    ``Ring.connect``); closes all on exit.
 
     Raises:
         PeerUnavailable, HandshakeFailed
     """
     expected = list(expected_peer_ids or [None] * len(addresses))
-    async with AsyncExitStack() as stack:
-        peers = []
-        for address, peer_id in zip(addresses, expected, strict=True):
-            conn = await stack.enter_async_context(
-                open_connection(
-                    address,
-                    identity,
-                    cluster_key,
-                    verify_signature,
-                    expected_peer_id=peer_id,
-                    name=name,
-                )
-            )
-            peers.append(PeerClient(conn, address))
-        # Entered after the connections, so it closes before them.
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        ring = Ring(nursery, peers)
-        for p in peers:
-            nursery.start_soon(p.serve, ring._on_request_message, ring._on_closed)
+    async with trio.open_nursery() as nursery:
+        ring = Ring(nursery, identity, cluster_key, name)
         try:
+            for address, peer_id in zip(addresses, expected, strict=True):
+                await ring.connect(address, peer_id)
             yield ring
         finally:
             ring.closing = True

@@ -1,0 +1,39 @@
+"""Keep a ring's membership in step with discovery: connect to peers as they are
+found (the handshake proves the id they advertised), log those that leave."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from dnet.discovery import PeerFound, PeerLost
+from dnet.errors import DnetError
+from dnet.head.ring import Ring
+
+log = logging.getLogger(__name__)
+
+
+async def follow_discovery(
+    ring: Ring, events: trio.MemoryReceiveChannel[PeerFound | PeerLost]
+) -> None:
+    """Run until ``events`` closes or the task is cancelled."""
+    async for event in events:
+        if isinstance(event, PeerLost):
+            log.info("peer %s left (%s goodbye)", event.peer_id[:12], event.source)
+            continue
+        # The same peer again: nothing to do. The same id at another address is
+        # tried, so that a clone is caught by the handshake and reported.
+        if any(p.address == event.address and p.alive for p in ring.peers):
+            continue
+        log.info(
+            "found %s (%s) at %s via %s",
+            event.name or "peer",
+            (event.peer_id or "?")[:12],
+            event.address,
+            event.source,
+        )
+        try:
+            await ring.connect(event.address, event.peer_id)
+        except DnetError as exc:
+            log.warning("could not add %s: %s", event.address, exc.message)

@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Find peers over mDNS, prepare a topology and generate: the head, as a command.
+
+    scripts/discover.py --interface 192.168.1.10 --expect 2 --model DIR --prompt "Hello"
+
+Prints one JSON object: how long discovery took, the peers, the topology and the
+generated token ids and text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from contextlib import aclosing
+from pathlib import Path
+
+import trio
+
+from dnet.config import default_state_dir
+from dnet.errors import DnetError
+from dnet.identity import load_cluster_key, load_identity
+
+
+async def run(args: argparse.Namespace) -> dict:
+    from dnet.discovery.mdns import browse
+    from dnet.head.membership import follow_discovery
+    from dnet.head.ring import open_ring
+    from dnet.head.topology import load_topology, prepare_topology, topology_json
+
+    state = Path(args.state_dir) if args.state_dir else default_state_dir({}) / "head"
+    identity = load_identity(state)
+    key, _, _ = load_cluster_key(
+        state, Path(args.cluster_key_file) if args.cluster_key_file else None
+    )
+    async with open_ring([], identity, key) as ring, trio.open_nursery() as nursery:
+        send, receive = trio.open_memory_channel(100)
+        start = time.perf_counter()
+        await nursery.start(browse, args.interface, send)
+        nursery.start_soon(follow_discovery, ring, receive)
+        with trio.fail_after(args.timeout):
+            while len(ring.peers) < args.expect:
+                await trio.sleep(0.02)
+        discovered = time.perf_counter() - start
+        topology = await prepare_topology(ring, args.model, context=args.context)
+        await load_topology(ring, topology)
+        prompt = (
+            [int(t) for t in args.prompt_ids.split(",")]
+            if args.prompt_ids
+            else ring.encode_chat([{"role": "user", "content": args.prompt}])
+        )
+        tokens, text = [], []
+        async with aclosing(ring.generate(prompt, max_tokens=args.max_tokens)) as events:
+            async for e in events:
+                tokens.append(e.token_id)
+                text.append(e.text)
+        nursery.cancel_scope.cancel()
+        return {
+            "discovered_s": discovered,
+            "peers": [
+                {"peer_id": p.peer_id, "name": p.name, "address": p.address} for p in ring.peers
+            ],
+            "topology": topology_json(topology),
+            "prompt": prompt,
+            "tokens": tokens,
+            "text": "".join(text),
+        }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--interface", action="append", required=True, help="IPv4 address to browse on")
+    p.add_argument("--expect", type=int, default=1, help="wait for this many peers")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", default="Hello!")
+    p.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--cluster-key-file")
+    p.add_argument("--state-dir")
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args()
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        print(json.dumps(trio.run(run, args)))
+    except DnetError as exc:
+        print(f"discover: {exc.message}", file=sys.stderr)
+        return 2
+    except trio.TooSlowError:
+        print(f"discover: fewer than {args.expect} peers found in {args.timeout}s", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

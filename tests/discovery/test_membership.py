@@ -1,0 +1,61 @@
+"""Discovery events drive the ring's membership; claims are checked by handshake."""
+
+from __future__ import annotations
+
+import trio
+
+from dnet.discovery import PeerFound, PeerLost
+from dnet.head.membership import follow_discovery
+from dnet.head.ring import open_ring
+from dnet.identity import Identity
+from dnet.peer.daemon import PeerDaemon
+from dnet.runtime.compute import open_compute_thread
+
+from ..peer.conftest import CLUSTER_KEY, open_peers
+
+
+async def test_found_peers_join_and_false_claims_are_refused():
+    async with open_peers(2) as peers, open_ring([], Identity.generate(), CLUSTER_KEY) as ring:
+        send, receive = trio.open_memory_channel(10)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow_discovery, ring, receive)
+            (a, da), (b, db) = peers
+            await send.send(PeerFound(a, da.peer_id, "p0", "memory"))
+            await send.send(PeerFound(b, Identity.generate().peer_id, "liar", "memory"))  # wrong id
+            await send.send(PeerFound(b, db.peer_id, "p1", "memory"))
+            await send.send(PeerFound(a, da.peer_id, "p0", "memory"))  # again: no second link
+            await send.send(PeerLost(db.peer_id, "memory"))
+            with trio.fail_after(5):
+                while len(ring.peers) < 2:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.1)
+            assert sorted(p.peer_id for p in ring.peers) == sorted([da.peer_id, db.peer_id])
+            nursery.cancel_scope.cancel()
+
+
+async def test_two_live_peers_with_one_identity_are_reported():
+    clone = Identity.generate()
+    async with (
+        open_compute_thread() as c1,
+        open_compute_thread() as c2,
+        trio.open_nursery() as nursery,
+        open_ring([], Identity.generate(), CLUSTER_KEY) as ring,
+    ):
+        ports = [
+            await nursery.start(
+                PeerDaemon(clone, CLUSTER_KEY, c, name=f"clone{i}").run, "127.0.0.1", 0
+            )
+            for i, c in enumerate((c1, c2))
+        ]
+        send, receive = trio.open_memory_channel(10)
+        nursery.start_soon(follow_discovery, ring, receive)
+        for port in ports:
+            await send.send(
+                PeerFound(f"ws://127.0.0.1:{port}/dnet/1", clone.peer_id, "clone", "memory")
+            )
+        with trio.fail_after(5):
+            while not ring.duplicates:
+                await trio.sleep(0.01)
+        assert len(ring.peers) == 1
+        assert ring.duplicates[0][0] == clone.peer_id
+        nursery.cancel_scope.cancel()
