@@ -37,3 +37,16 @@ async def follow_discovery(
             await ring.connect(event.address, event.peer_id)
         except DnetError as exc:
             log.warning("could not add %s: %s", event.address, exc.message)
+
+
+async def serve_health_checks(ring: Ring, interval_s: float = 5.0, timeout_s: float = 5.0) -> None:
+    """Ping every peer each ``interval_s``; a peer that does not answer within
+    ``timeout_s`` is disconnected (its sessions fail, it leaves ``ring.peers``)."""
+    while True:
+        await trio.sleep(interval_s)
+        for peer in list(ring.peers):
+            try:
+                await peer.ping(timeout=timeout_s)
+            except DnetError as exc:
+                log.warning("peer %s failed its health check: %s", peer.label, exc.message)
+                await peer.conn.aclose()

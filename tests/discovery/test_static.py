@@ -1,0 +1,96 @@
+"""Static peer lists feed the same seam as mDNS."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from dnet.discovery import PeerFound
+from dnet.discovery.static import (
+    BadPeerAddress,
+    announce_static,
+    parse_peer_address,
+    read_peers_file,
+)
+from dnet.head.membership import follow_discovery, serve_health_checks
+from dnet.head.ring import open_ring
+from dnet.identity import Identity
+
+from ..peer.conftest import CLUSTER_KEY, open_peers
+
+
+@pytest.mark.parametrize(
+    ("text", "url"),
+    [
+        ("127.0.0.1:9001", "ws://127.0.0.1:9001/dnet/1"),
+        ("pi.local:80", "ws://pi.local:80/dnet/1"),
+        ("[::1]:9002", "ws://[::1]:9002/dnet/1"),
+        ("ws://10.0.0.5:7000/dnet/1", "ws://10.0.0.5:7000/dnet/1"),
+    ],
+)
+def test_addresses(text, url):
+    assert parse_peer_address(text) == url
+
+
+@pytest.mark.parametrize(
+    "text", ["nohost", "host:", "host:notaport", "http://h:1/", ":9000", "h:99999"]
+)
+def test_bad_addresses(text):
+    with pytest.raises(BadPeerAddress):
+        parse_peer_address(text)
+
+
+def test_peers_file(tmp_path):
+    f = tmp_path / "peers"
+    f.write_text("# my cluster\n127.0.0.1:9001\n\n  10.0.0.2:9002  # the laptop\n")
+    assert read_peers_file(f) == ["ws://127.0.0.1:9001/dnet/1", "ws://10.0.0.2:9002/dnet/1"]
+    f.write_text("127.0.0.1:9001\nbroken\n")
+    with pytest.raises(BadPeerAddress, match=":2:"):
+        read_peers_file(f)
+    with pytest.raises(BadPeerAddress):
+        read_peers_file(tmp_path / "missing")
+
+
+async def test_static_peers_join_through_the_discovery_seam():
+    async with open_peers(2) as peers, open_ring([], Identity.generate(), CLUSTER_KEY) as ring:
+        send, receive = trio.open_memory_channel[PeerFound](10)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow_discovery, ring, receive)
+            await announce_static(
+                [a.removeprefix("ws://").removesuffix("/dnet/1") for a, _ in peers], send
+            )
+            with trio.fail_after(5):
+                while len(ring.peers) < 2:
+                    await trio.sleep(0.01)
+            assert {p.peer_id for p in ring.peers} == {d.peer_id for _, d in peers}
+            nursery.cancel_scope.cancel()
+
+
+async def test_health_checks_drop_a_silent_peer():
+    # A "peer" that completes the handshake and then never answers anything.
+    from dnet.identity import verify_signature
+    from dnet.transport.connection import serve_connections
+
+    async def mute(conn):
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            serve_connections,
+            mute,
+            "127.0.0.1",
+            0,
+            Identity.generate(),
+            CLUSTER_KEY,
+            verify_signature,
+        )
+        async with open_ring(
+            [f"ws://127.0.0.1:{port}/dnet/1"], Identity.generate(), CLUSTER_KEY
+        ) as ring:
+            assert len(ring.peers) == 1
+            # Real time, not a virtual clock: the link is a real socket.
+            nursery.start_soon(serve_health_checks, ring, 0.2, 0.5)
+            with trio.fail_after(5):
+                while ring.peers:
+                    await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
