@@ -35,11 +35,18 @@ async def run(args: argparse.Namespace) -> dict:
     key, _, _ = load_cluster_key(
         state, Path(args.cluster_key_file) if args.cluster_key_file else None
     )
+    from dnet.discovery.static import announce_static, read_peers_file
+
+    static = list(args.peer or []) + (
+        read_peers_file(Path(args.peers_file)) if args.peers_file else []
+    )
     async with open_ring([], identity, key) as ring, trio.open_nursery() as nursery:
         send, receive = trio.open_memory_channel(100)
         start = time.perf_counter()
-        await nursery.start(browse, args.interface, send)
         nursery.start_soon(follow_discovery, ring, receive)
+        if not args.no_mdns:
+            await nursery.start(browse, args.interface, send)
+        await announce_static(static, send)
         with trio.fail_after(args.timeout):
             while len(ring.peers) < args.expect:
                 await trio.sleep(0.02)
@@ -73,7 +80,12 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--interface", action="append", required=True, help="IPv4 address to browse on")
+    p.add_argument(
+        "--interface", action="append", default=[], help="IPv4 address to browse on (mDNS)"
+    )
+    p.add_argument("--peer", action="append", help="HOST:PORT of a peer (repeatable)")
+    p.add_argument("--peers-file", help="a file of HOST:PORT lines")
+    p.add_argument("--no-mdns", action="store_true", help="only the --peer / --peers-file peers")
     p.add_argument("--expect", type=int, default=1, help="wait for this many peers")
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--model", required=True)
@@ -85,6 +97,8 @@ def main() -> int:
     p.add_argument("--state-dir")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args()
+    if not args.no_mdns and not args.interface:
+        p.error("give --interface to browse mDNS on, or --no-mdns with --peer/--peers-file")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         print(json.dumps(trio.run(run, args)))
