@@ -94,6 +94,8 @@ class Ring:
         self._name = name
         self.peers: list[PeerClient] = []
         self.duplicates: list[tuple[str, str]] = []  # (peer id, address) refused as clones
+        # Measured links, (from, to) → (when, link): reused by the next prepare.
+        self.link_cache: dict[tuple[str, str], tuple[float, Any]] = {}
         self.order: list[PeerClient] = []
         self.model: str | None = None
         self.tokenizer: Any = None

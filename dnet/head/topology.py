@@ -7,19 +7,21 @@ measured, the assignments in ring order, the predictions, and the peers left out
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Any
 
 import attrs
 import trio
 
 from dnet.head.ring import PlanEntry, Ring
-from dnet.protocol.messages import Loaded, Profile, ProfileRequest
+from dnet.protocol.messages import LinkReport, Loaded, ProbeLink, Profile, ProfileRequest
 from dnet.solver.plan import Plan
 from dnet.solver.profiles import HEAD, DeviceProfile, LinkProfile
 from dnet.solver.solve import solve
 
 PROBE_PINGS = 8
 BULK_BYTES = 1 << 20
+LINK_TTL_S = 300.0
 
 
 @attrs.frozen
@@ -65,6 +67,41 @@ async def measure_link(ring: Ring, peer_id: str) -> LinkProfile:
     return LinkProfile(latency, BULK_BYTES / max(bulk - latency, 1e-9))
 
 
+async def probe_link(ring: Ring, src: str, dst: str) -> LinkProfile:
+    """The link between two peers, measured by ``src`` dialling ``dst``."""
+    target = ring.peer(dst)
+    reply = await ring.peer(src).call(
+        ProbeLink(target.address, target.peer_id, PROBE_PINGS, BULK_BYTES)
+    )
+    assert isinstance(reply, LinkReport)
+    return LinkProfile(reply.latency_s, reply.bandwidth_bytes_s)
+
+
+async def measure_links(ring: Ring, peer_ids: list[str]) -> dict[tuple[str, str], LinkProfile]:
+    """Every head-peer and peer-peer link, from the ring's cache when fresh."""
+    links: dict[tuple[str, str], LinkProfile] = {}
+    now = time.monotonic()
+
+    async def get(key: tuple[str, str]) -> LinkProfile:
+        cached = ring.link_cache.get(key)
+        if cached is not None and now - cached[0] < LINK_TTL_S:
+            link: LinkProfile = cached[1]
+            return link
+        if key[0] == HEAD:
+            link = await measure_link(ring, key[1])
+        else:
+            link = await probe_link(ring, *key)
+        ring.link_cache[key] = (time.monotonic(), link)
+        return link
+
+    for pid in peer_ids:
+        links[(HEAD, pid)] = links[(pid, HEAD)] = await get((HEAD, pid))
+        for other in peer_ids:
+            if other != pid:
+                links[(pid, other)] = await get((pid, other))
+    return links
+
+
 async def profile_devices(ring: Ring, dtype: str) -> list[DeviceProfile]:
     """Each connected peer's measured (or cached) rates, in the order connected."""
     profiles: dict[str, Profile] = {}
@@ -99,8 +136,8 @@ async def prepare_topology(
 ) -> Topology:
     """Profile the model, the connected peers and their links, and solve.
 
-    Links between peers are not probed yet: a peer-to-peer link is assumed to cost
-    what the slower of the two peers' links to the head costs.
+    Every head-peer and peer-peer link is measured (peers probe each other), and
+    remembered for ``LINK_TTL_S`` so that a repeated prepare is quick.
 
     Raises:
         NoFeasiblePlan, ModelNotFound, PeerUnavailable
@@ -116,16 +153,7 @@ async def prepare_topology(
     if dtype == "bfloat16" and "float16" in str(info.config.get("torch_dtype", "")):
         dtype = "float16"
     devices = await profile_devices(ring, dtype)
-    head_links = {d.peer_id: await measure_link(ring, d.peer_id) for d in devices}
-    links: dict[tuple[str, str], LinkProfile] = {}
-    for d in devices:
-        links[(HEAD, d.peer_id)] = links[(d.peer_id, HEAD)] = head_links[d.peer_id]
-        for e in devices:
-            if d.peer_id != e.peer_id:
-                a, b = head_links[d.peer_id], head_links[e.peer_id]
-                links[(d.peer_id, e.peer_id)] = LinkProfile(
-                    max(a.latency_s, b.latency_s), min(a.bandwidth_bytes_s, b.bandwidth_bytes_s)
-                )
+    links = await measure_links(ring, [d.peer_id for d in devices])
     plan: Plan = solve(
         profile, devices, links, context=context, objective=objective, prompt_tokens=prompt_tokens
     )

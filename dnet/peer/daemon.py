@@ -30,11 +30,13 @@ from dnet.protocol.messages import (
     EndRequest,
     Error,
     Follow,
+    LinkReport,
     Loaded,
     LoadSlice,
     Message,
     Ping,
     Pong,
+    ProbeLink,
     Profile,
     ProfileRequest,
     StartRequest,
@@ -174,6 +176,8 @@ class PeerDaemon:
             return self.status()
         if isinstance(message, ProfileRequest):
             return await self._profile(message.dtype)
+        if isinstance(message, ProbeLink):
+            return await self._probe(message)
         if isinstance(message, LoadSlice):
             self.controller = conn
             return await self._load(message)
@@ -187,6 +191,32 @@ class PeerDaemon:
             self._followed = trio.Event()
             return None
         raise ProtocolError(f"a peer does not accept {type(message).__name__}")
+
+    async def _probe(self, msg: ProbeLink) -> LinkReport:
+        """Ping another peer over a fresh authenticated connection."""
+        if not 1 <= msg.pings <= 100 or not 1 <= msg.bulk_bytes <= 64 << 20:
+            raise ProtocolError("probe sizes out of range")
+        async with open_connection(
+            msg.address,
+            self.identity,
+            self._cluster_key,
+            verify_signature,
+            expected_peer_id=msg.peer_id,
+            name=self.name,
+        ) as conn:
+
+            async def rtt(payload: bytes) -> float:
+                start = time.perf_counter()
+                await conn.send(Ping(0), payload)
+                with trio.fail_after(10):
+                    while not isinstance((await conn.receive())[0], Pong):
+                        pass
+                return time.perf_counter() - start
+
+            small = sorted([await rtt(b"") for _ in range(msg.pings)])
+            latency = small[len(small) // 2] / 2
+            bulk = await rtt(bytes(msg.bulk_bytes)) / 2
+        return LinkReport(msg.peer_id, latency, msg.bulk_bytes / max(bulk - latency, 1e-9))
 
     async def _profile(self, dtype: str) -> Profile:
         if dtype not in DTYPES:

@@ -88,6 +88,24 @@ class Profile:
 
 
 @attrs.frozen
+class ProbeLink:
+    """Measure the link from this peer to another: small pings for latency, one
+    ``bulk_bytes`` ping for throughput."""
+
+    address: str
+    peer_id: str
+    pings: int = 5
+    bulk_bytes: int = 1 << 20
+
+
+@attrs.frozen
+class LinkReport:
+    peer_id: str
+    latency_s: float
+    bandwidth_bytes_s: float
+
+
+@attrs.frozen
 class LoadSlice:
     """Load layers ``[start, end)`` of ``model``.
 
@@ -211,6 +229,8 @@ Message = (
     | Status
     | ProfileRequest
     | Profile
+    | ProbeLink
+    | LinkReport
     | LoadSlice
     | Follow
     | Loaded

@@ -75,3 +75,23 @@ async def test_predicted_token_latency_is_within_2x_of_measured(tiny_model):
             f"ratio {measured / predicted:.2f}"
         )
         assert predicted / 2 <= measured <= predicted * 2
+
+
+async def test_peers_probe_the_links_between_them():
+    async with (
+        open_peers(3) as peers,
+        open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring,
+    ):
+        from dnet.head.topology import measure_links
+        from dnet.solver.profiles import HEAD
+
+        ids = [p.peer_id for p in ring.peers]
+        links = await measure_links(ring, ids)
+        assert len(links) == 2 * 3 + 3 * 2
+        for (a, b), link in links.items():
+            assert 0 < link.latency_s < 1 and link.bandwidth_bytes_s > 1e6, (a, b, link)
+        assert (HEAD, ids[0]) in links and (ids[0], ids[1]) in links and (ids[2], ids[0]) in links
+        # Remembered: the next call measures nothing.
+        start = time.perf_counter()
+        assert await measure_links(ring, ids) == links
+        assert time.perf_counter() - start < 0.05
