@@ -34,6 +34,7 @@ class TopologyAssignment:
     next_peer_id: str | None
     predicted_stage_s: float
     predicted_memory_bytes: int
+    predicted_load_s: float | None  # weights over the measured disk read rate
 
 
 @attrs.frozen
@@ -121,6 +122,7 @@ async def profile_devices(ring: Ring, dtype: str) -> list[DeviceProfile]:
             profiles[p.peer_id].memory_available,
             profiles[p.peer_id].bandwidth_bytes_s,
             profiles[p.peer_id].flops_s,
+            profiles[p.peer_id].disk_read_bytes_s,
         )
         for p in ring.peers
     ]
@@ -158,6 +160,7 @@ async def prepare_topology(
         profile, devices, links, context=context, objective=objective, prompt_tokens=prompt_tokens
     )
     order = [a.peer_id for a in plan.assignments]
+    disk = {d.peer_id: d.disk_read_bytes_s for d in devices}
     return Topology(
         model=str(info.path),
         num_layers=info.num_layers,
@@ -172,6 +175,7 @@ async def prepare_topology(
                 order[i + 1] if i + 1 < len(order) else None,
                 a.stage_s,
                 a.memory_bytes,
+                _load_s(a.memory_bytes, disk[a.peer_id]),
             )
             for i, a in enumerate(plan.assignments)
         ),
@@ -182,6 +186,10 @@ async def prepare_topology(
         predicted_tokens_per_s=plan.tokens_per_s,
         predicted_ttft_s=plan.ttft_s,
     )
+
+
+def _load_s(nbytes: int, disk_bytes_s: float) -> float | None:
+    return nbytes / disk_bytes_s if disk_bytes_s > 0 else None
 
 
 async def load_topology(ring: Ring, topology: Topology) -> list[Loaded]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from collections import deque
 from functools import partial
@@ -48,7 +49,7 @@ from dnet.protocol.messages import (
 )
 from dnet.runtime.arrays import DTYPES
 from dnet.runtime.compute import ComputeThread
-from dnet.runtime.device_profile import DeviceRates, cached_rates, measure, memory
+from dnet.runtime.device_profile import DeviceRates, cached_rates, measure, measure_disk, memory
 from dnet.runtime.engine import SliceEngine
 from dnet.runtime.slice import load_slice
 from dnet.sampling import SampledToken
@@ -226,7 +227,9 @@ class PeerDaemon:
         elif dtype in self._rates:
             rates, cached = self._rates[dtype], True
         else:
-            rates, cached = await self._compute.run(measure, dtype), False
+            rates = await self._compute.run(measure, dtype)
+            disk = await trio.to_thread.run_sync(measure_disk, Path(tempfile.gettempdir()))
+            rates, cached = attrs.evolve(rates, disk_read_bytes_s=disk), False
         self._rates[dtype] = rates
         total, available = memory()
         return Profile(
@@ -237,6 +240,7 @@ class PeerDaemon:
             available,
             rates.bandwidth_bytes_s,
             rates.flops_s,
+            rates.disk_read_bytes_s,
             cached,
         )
 

@@ -84,6 +84,7 @@ class Profile:
     memory_available: int = 0
     bandwidth_bytes_s: float = 0.0
     flops_s: float = 0.0
+    disk_read_bytes_s: float = 0.0
     cached: bool = False
 
 

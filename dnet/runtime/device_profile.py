@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -33,6 +34,7 @@ class DeviceRates:
     dtype: str
     bandwidth_bytes_s: float
     flops_s: float
+    disk_read_bytes_s: float = 0.0
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -43,6 +45,40 @@ def _best_time(fn, repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def measure_disk(directory: Path, mib: int = 64) -> float:
+    """Read rate of a file written in ``directory``, its pages dropped from the page
+    cache first (``posix_fadvise``), so the figure is the disk's, not memory's.
+    Returns 0.0 (unknown) when the directory cannot take the probe file."""
+    block = os.urandom(1 << 20)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".dnet-disk-probe-", dir=directory)
+    except OSError as exc:
+        log.warning("cannot measure the disk in %s: %s", directory, exc)
+        return 0.0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for _ in range(mib):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            start = time.perf_counter()
+            while os.read(fd, 8 << 20):
+                pass
+            return mib * (1 << 20) / (time.perf_counter() - start)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("cannot measure the disk in %s: %s", directory, exc)
+        return 0.0
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 def measure(dtype: str = "float32", matvec_mib: int = 64, matmul_n: int = 1024) -> DeviceRates:
@@ -85,9 +121,14 @@ def cached_rates(state_dir: Path, dtype: str) -> tuple[DeviceRates, bool]:
         cache = {}
     if key in cache:
         entry = cache[key]
-        return DeviceRates(dtype, float(entry["bandwidth_bytes_s"]), float(entry["flops_s"])), True
-    rates = measure(dtype)
-    cache[key] = {"bandwidth_bytes_s": rates.bandwidth_bytes_s, "flops_s": rates.flops_s}
+        return DeviceRates(
+            dtype,
+            float(entry["bandwidth_bytes_s"]),
+            float(entry["flops_s"]),
+            float(entry.get("disk_read_bytes_s", 0.0)),
+        ), True
+    rates = attrs.evolve(measure(dtype), disk_read_bytes_s=measure_disk(state_dir))
+    cache[key] = attrs.asdict(rates)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cache, indent=2) + "\n")

@@ -249,6 +249,10 @@ async def serve_websocket(
         link = WsLink(stream, ws, description, events)
         try:
             await handler(link)
+        except Exception:
+            # A bug met by one connection must not take the listener (and every
+            # other connection) down with it.
+            log.exception("connection from %s failed", description)
         finally:
             await link.aclose()
 

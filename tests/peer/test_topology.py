@@ -38,6 +38,8 @@ async def test_prepare_load_generate_and_the_profile_cache(tiny_model):
         used = {a["peer_id"] for a in data["assignments"]}
         assert used | {pid for pid, _ in data["excluded"]} == {p.peer_id for p in ring.peers}
         assert all(d["bandwidth_bytes_s"] > 0 and d["flops_s"] > 0 for d in data["devices"])
+        assert all(d["disk_read_bytes_s"] > 0 for d in data["devices"])
+        assert all(a["predicted_load_s"] > 0 for a in data["assignments"])
         # A second prepare uses the cached device profiles: well under a second.
         start = time.perf_counter()
         again = await prepare_topology(ring, str(path), context=1024)

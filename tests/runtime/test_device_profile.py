@@ -12,6 +12,8 @@ def test_rates_are_measured_once_then_cached(tmp_path):
     first, was_cached = cached_rates(tmp_path, "float32")
     assert not was_cached
     assert first.bandwidth_bytes_s > 1e7 and first.flops_s > 1e7
+    assert first.disk_read_bytes_s > 1e6
+    assert not list(tmp_path.glob(".dnet-disk-probe-*"))  # the probe file is gone
     start = time.perf_counter()
     again, was_cached = cached_rates(tmp_path, "float32")
     assert was_cached and again == first
