@@ -16,7 +16,16 @@ import trio
 
 from dnet.errors import PeerError, PeerUnavailable
 from dnet.protocol.codec import ProtocolError
-from dnet.protocol.messages import Error, Message, Ping, Pong, Status, StatusRequest, Token
+from dnet.protocol.messages import (
+    Error,
+    LoadProgress,
+    Message,
+    Ping,
+    Pong,
+    Status,
+    StatusRequest,
+    Token,
+)
 from dnet.transport.connection import Connection
 from dnet.transport.links import LinkClosed
 
@@ -43,6 +52,7 @@ class PeerClient:
         self.alive = True
         self._lock = trio.Lock()
         self._seq = 0
+        self.on_progress: Callable[[PeerClient, LoadProgress], None] | None = None
         self._pong_arrived_ns = 0
         self._reply_send, self._reply_receive = trio.open_memory_channel[Message](math.inf)
 
@@ -67,6 +77,9 @@ class PeerClient:
                     isinstance(message, Error) and message.request_id
                 ):
                     on_request_message(message)
+                elif isinstance(message, LoadProgress):
+                    if self.on_progress is not None:
+                        self.on_progress(self, message)
                 else:
                     if isinstance(message, Pong):
                         self._pong_arrived_ns = time.monotonic_ns()

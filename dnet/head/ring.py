@@ -11,7 +11,7 @@ import copy
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -173,7 +173,12 @@ class Ring:
         return [await p.call_status() for p in self.peers]
 
     async def load(
-        self, model: str, plan: Sequence[PlanEntry], *, max_context: int | None = None
+        self,
+        model: str,
+        plan: Sequence[PlanEntry],
+        *,
+        max_context: int | None = None,
+        on_progress: Callable[[str, int, int], None] | None = None,
     ) -> list[Loaded]:
         """Load ``model`` across the peers named by ``plan`` (ring order; ranges must
         tile all layers). The model reference must be readable on every peer, and on
@@ -220,9 +225,16 @@ class Ring:
             except DnetError as exc:
                 errors.append(exc)
 
-        async with trio.open_nursery() as nursery:
-            for i in range(len(plan)):
-                nursery.start_soon(load_one, i)
+        if on_progress is not None:
+            for p in order:
+                p.on_progress = lambda client, msg: on_progress(client.peer_id, msg.done, msg.total)
+        try:
+            async with trio.open_nursery() as nursery:
+                for i in range(len(plan)):
+                    nursery.start_soon(load_one, i)
+        finally:
+            for p in order:
+                p.on_progress = None
         if errors:
             await self.unload()
             raise errors[0]

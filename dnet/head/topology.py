@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -192,6 +193,16 @@ def _load_s(nbytes: int, disk_bytes_s: float) -> float | None:
     return nbytes / disk_bytes_s if disk_bytes_s > 0 else None
 
 
-async def load_topology(ring: Ring, topology: Topology) -> list[Loaded]:
-    """Load every peer of ``topology`` in parallel."""
-    return await ring.load(topology.model, topology.plan_entries(), max_context=topology.context)
+async def load_topology(
+    ring: Ring,
+    topology: Topology,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> list[Loaded]:
+    """Load every peer of ``topology`` in parallel; ``on_progress(peer_id, done,
+    total)`` follows each peer's reading of its weights."""
+    return await ring.load(
+        topology.model,
+        topology.plan_entries(),
+        max_context=topology.context,
+        on_progress=on_progress,
+    )

@@ -33,6 +33,7 @@ from dnet.protocol.messages import (
     Follow,
     LinkReport,
     Loaded,
+    LoadProgress,
     LoadSlice,
     Message,
     Ping,
@@ -262,7 +263,20 @@ class PeerDaemon:
                 raise LayerRangeError("a slice that is not first needs its previous peer")
             if not msg.is_last and not msg.next_peer_id:
                 raise LayerRangeError("a slice that is not last needs its next peer")
-            layer_slice = await self._compute.run(load_slice, msg.model, msg.start, msg.end)
+            token = trio.lowlevel.current_trio_token()
+            controller = self.controller
+
+            def progress(done: int, total: int) -> None:
+                # On the compute thread: queue the message for the sender task.
+                if controller is not None:
+                    token.run_sync_soon(
+                        self._out_send.send_nowait,
+                        ("controller", LoadProgress(msg.model, done, total), b""),
+                    )
+
+            layer_slice = await self._compute.run(
+                load_slice, msg.model, msg.start, msg.end, progress
+            )
             if layer_slice.is_first != msg.is_first or layer_slice.is_last != msg.is_last:
                 raise LayerRangeError(
                     f"layers [{msg.start}, {msg.end}) of {layer_slice.model.num_layers}: "

@@ -135,6 +135,15 @@ class Follow:
 
 
 @attrs.frozen
+class LoadProgress:
+    """Sent to the controller while a slice loads: ``done`` of ``total`` parts read."""
+
+    model: str
+    done: int
+    total: int
+
+
+@attrs.frozen
 class Loaded:
     model: str
     start: int
@@ -234,6 +243,7 @@ Message = (
     | LinkReport
     | LoadSlice
     | Follow
+    | LoadProgress
     | Loaded
     | Unload
     | Unloaded

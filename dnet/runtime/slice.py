@@ -9,6 +9,7 @@ model one after another computes exactly what the whole mlx_lm model computes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -211,8 +212,14 @@ def _smoke_test(owned: LayerSlice) -> None:
         ) from exc
 
 
-def load_slice(model: ModelDir | str | Path, start: int, end: int) -> LayerSlice:
+def load_slice(
+    model: ModelDir | str | Path,
+    start: int,
+    end: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> LayerSlice:
     """Build layers ``[start, end)`` of ``model``, reading only the tensors they need.
+    ``progress(done, total)`` is called as the weights are read, layer by layer.
 
     Raises:
         ModelNotFound, InvalidModel, MissingTensor, TensorShapeMismatch,
@@ -273,7 +280,12 @@ def load_slice(model: ModelDir | str | Path, start: int, end: int) -> LayerSlice
         head=pieces.get("lm_head."),
     )
     del full, inner, weights
-    mx.eval(owned.parameters())
+    # Read layer by layer (the same arrays as one eval), reporting as we go.
+    parts = [*owned.layers, *(m for m in (owned.embed, owned.norm, owned.head) if m is not None)]
+    for done, part in enumerate(parts, 1):
+        mx.eval(part.parameters())
+        if progress is not None:
+            progress(done, len(parts))
     _smoke_test(owned)
     log.info(
         "loaded %s layers [%d, %d) of %d: %.1f MiB",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from itertools import accumulate
+from typing import Any
 
 from dnet.solver.plan import Assignment, Exclusion, Plan
 from dnet.solver.profiles import (
@@ -107,39 +108,57 @@ def solve(
     def link_out(e: int) -> float:
         return _link(links, devices[e].peer_id, HEAD).transfer_s(TOKEN_BYTES)
 
-    # state (layer, used mask, last device) -> (key, total latency, back pointer)
-    best: dict[tuple[int, int, int], tuple[tuple[float, ...], float, tuple | None]] = {
-        (0, 0, -1): ((0.0,), 0.0, None)
-    }
+    # state (layer, used mask, last device) -> the Pareto front of partial plans, each
+    # (key, total latency, back pointer). For latency the key is the total alone and
+    # the front holds one plan; for throughput it is (slowest stage, total), and a
+    # plan slower so far may still finish with the lower total, so keep the front.
+    fronts: dict[tuple[int, int, int], list[_Entry]] = {(0, 0, -1): [((0.0,), 0.0, None)]}
     for layer in range(n):
-        frontier = sorted((k, v) for k, v in best.items() if k[0] == layer)
-        for (_, used, prev), (key, total, _) in frontier:
-            for e in range(nd):
-                if used >> e & 1:
-                    continue
-                hop = link_in(prev, e)
-                for b in range(layer + 1, n + 1):
-                    if costs.memory(layer, b) > budgets[e]:
-                        break
-                    stage = costs.stage_s(devices[e], layer, b) + hop
-                    out = link_out(e) if b == n else 0.0
-                    new_total = total + stage + out
-                    if objective == "latency":
-                        new_key: tuple[float, ...] = (new_total,)
-                    else:
-                        new_key = (max(key[0], stage + out), new_total)
-                    state = (b, used | 1 << e, e)
-                    if state not in best or new_key < best[state][0]:
-                        best[state] = (new_key, new_total, ((layer, used, prev), e, layer, b))
+        for (_, used, prev), entries in sorted((k, v) for k, v in fronts.items() if k[0] == layer):
+            for entry in list(entries):
+                key, total, _ = entry
+                for e in range(nd):
+                    if used >> e & 1:
+                        continue
+                    hop = link_in(prev, e)
+                    for b in range(layer + 1, n + 1):
+                        if costs.memory(layer, b) > budgets[e]:
+                            break
+                        stage = costs.stage_s(devices[e], layer, b) + hop
+                        out = link_out(e) if b == n else 0.0
+                        new_total = total + stage + out
+                        if objective == "latency":
+                            new_key: tuple[float, ...] = (new_total,)
+                        else:
+                            new_key = (max(key[0], stage + out), new_total)
+                        _add(
+                            fronts.setdefault((b, used | 1 << e, e), []),
+                            (new_key, new_total, (entry, e, layer, b)),
+                        )
     finals = sorted(
-        ((v[0], k) for k, v in best.items() if k[0] == n and k[1]), key=lambda kv: (kv[0], kv[1])
+        (entry[0], state, i)
+        for state, entries in fronts.items()
+        if state[0] == n and state[1]
+        for i, entry in enumerate(entries)
     )
     if not finals:
         raise _shortfall(model, costs, devices, budgets, context)
-    _, state = finals[0]
+    _, state, i = finals[0]
     return _plan(
-        model, costs, devices, budgets, best, state, objective, context, prompt_tokens, links
+        model, costs, devices, budgets, fronts[state][i], objective, context, prompt_tokens, links
     )
+
+
+_Entry = tuple[tuple[float, ...], float, Any]
+
+
+def _add(front: list[_Entry], entry: _Entry) -> None:
+    """Keep ``front`` the set of plans no other plan matches or beats on every count."""
+    key = entry[0]
+    if any(all(a <= b for a, b in zip(k, key, strict=True)) for k, _, _ in front):
+        return
+    front[:] = [e for e in front if not all(a <= b for a, b in zip(key, e[0], strict=True))]
+    front.append(entry)
 
 
 def _shortfall(
@@ -166,17 +185,16 @@ def _plan(
     costs: _Costs,
     devices: Sequence[DeviceProfile],
     budgets: list[int],
-    best: dict,
-    state: tuple[int, int, int],
+    final: _Entry,
     objective: str,
     context: int,
     prompt_tokens: int,
     links: Mapping[tuple[str, str], LinkProfile],
 ) -> Plan:
     steps = []
-    cursor: tuple[int, int, int] | None = state
-    while cursor is not None and best[cursor][2] is not None:
-        parent, e, a, b = best[cursor][2]
+    cursor: _Entry | None = final
+    while cursor is not None and cursor[2] is not None:
+        parent, e, a, b = cursor[2]
         steps.append((e, a, b))
         cursor = parent
     steps.reverse()
@@ -191,7 +209,7 @@ def _plan(
         )
         for e, a, b in steps
     )
-    key, total, _ = best[state]
+    key, total, _ = final
     # Prefill: the prompt's positions pass every stage and link once (no overlap).
     ttft = 0.0
     prev_id = HEAD

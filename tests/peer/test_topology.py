@@ -8,6 +8,7 @@ import time
 from contextlib import aclosing
 
 import mlx.core as mx
+import trio
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
@@ -51,7 +52,20 @@ async def test_prepare_load_generate_and_the_profile_cache(tiny_model):
             return [(d.peer_id, d.bandwidth_bytes_s, d.flops_s) for d in t.devices]
 
         assert rates(again) == rates(topology)  # from the cache, not measured again
-        await load_topology(ring, topology)
+        seen: dict[str, list[tuple[int, int]]] = {}
+        await load_topology(
+            ring, topology, lambda pid, done, total: seen.setdefault(pid, []).append((done, total))
+        )
+        with trio.fail_after(5):  # progress rides a separate queue from the Loaded reply
+            while not all(
+                seen.get(a.peer_id, [(0, 1)])[-1][0] == seen.get(a.peer_id, [(0, 1)])[-1][1]
+                for a in topology.assignments
+            ):
+                await trio.sleep(0.01)
+        for a in topology.assignments:
+            steps = seen[a.peer_id]
+            assert [d for d, _ in steps] == list(range(1, len(steps) + 1))  # in order, one per part
+            assert steps[-1][1] >= a.end - a.start  # every layer, plus embeddings/head
         async with aclosing(ring.generate(prompt, max_tokens=16)) as events:
             got = [e.token_id async for e in events]
         assert got == expected[: len(got)]
