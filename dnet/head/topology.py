@@ -104,12 +104,12 @@ async def measure_links(ring: Ring, peer_ids: list[str]) -> dict[tuple[str, str]
     return links
 
 
-async def profile_devices(ring: Ring, dtype: str) -> list[DeviceProfile]:
+async def profile_devices(ring: Ring, dtype: str, hidden: int) -> list[DeviceProfile]:
     """Each connected peer's measured (or cached) rates, in the order connected."""
     profiles: dict[str, Profile] = {}
 
     async def one(peer_id: str) -> None:
-        reply = await ring.peer(peer_id).call(ProfileRequest(dtype))
+        reply = await ring.peer(peer_id).call(ProfileRequest(dtype, hidden))
         assert isinstance(reply, Profile)
         profiles[peer_id] = reply
 
@@ -155,7 +155,7 @@ async def prepare_topology(
     )
     if dtype == "bfloat16" and "float16" in str(info.config.get("torch_dtype", "")):
         dtype = "float16"
-    devices = await profile_devices(ring, dtype)
+    devices = await profile_devices(ring, dtype, int(info.config["hidden_size"]))
     links = await measure_links(ring, [d.peer_id for d in devices])
     plan: Plan = solve(
         profile, devices, links, context=context, objective=objective, prompt_tokens=prompt_tokens

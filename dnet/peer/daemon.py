@@ -94,7 +94,7 @@ class PeerDaemon:
         self._compute = compute
         self._idle_timeout = request_idle_timeout_s
         self._state_dir = state_dir  # where measured device rates are cached
-        self._rates: dict[str, DeviceRates] = {}
+        self._rates: dict[tuple[str, int], DeviceRates] = {}
         self.engine: SliceEngine | None = None
         self.loaded: LoadSlice | None = None
         self.controller: Connection | None = None
@@ -177,7 +177,7 @@ class PeerDaemon:
         if isinstance(message, StatusRequest):
             return self.status()
         if isinstance(message, ProfileRequest):
-            return await self._profile(message.dtype)
+            return await self._profile(message.dtype, message.hidden)
         if isinstance(message, ProbeLink):
             return await self._probe(message)
         if isinstance(message, LoadSlice):
@@ -220,18 +220,18 @@ class PeerDaemon:
             bulk = await rtt(bytes(msg.bulk_bytes)) / 2
         return LinkReport(msg.peer_id, latency, msg.bulk_bytes / max(bulk - latency, 1e-9))
 
-    async def _profile(self, dtype: str) -> Profile:
-        if dtype not in DTYPES:
-            raise ProtocolError(f"cannot profile dtype {dtype!r}")
+    async def _profile(self, dtype: str, hidden: int) -> Profile:
+        if dtype not in DTYPES or not 16 <= hidden <= 65536:
+            raise ProtocolError(f"cannot profile dtype {dtype!r} at width {hidden}")
         if self._state_dir is not None:
-            rates, cached = await self._compute.run(cached_rates, self._state_dir, dtype)
-        elif dtype in self._rates:
-            rates, cached = self._rates[dtype], True
+            rates, cached = await self._compute.run(cached_rates, self._state_dir, dtype, hidden)
+        elif (dtype, hidden) in self._rates:
+            rates, cached = self._rates[(dtype, hidden)], True
         else:
-            rates = await self._compute.run(measure, dtype)
+            rates = await self._compute.run(measure, dtype, hidden)
             disk = await trio.to_thread.run_sync(measure_disk, Path(tempfile.gettempdir()))
             rates, cached = attrs.evolve(rates, disk_read_bytes_s=disk), False
-        self._rates[dtype] = rates
+        self._rates[(dtype, hidden)] = rates
         total, available = memory()
         return Profile(
             self.peer_id,

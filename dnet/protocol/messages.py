@@ -67,9 +67,11 @@ class Status:
 
 @attrs.frozen
 class ProfileRequest:
-    """Measure (or recall) this device's rates for the given activation dtype."""
+    """Measure (or recall) this device's rates for a model of this activation dtype
+    and width."""
 
     dtype: str = "float32"
+    hidden: int = 4096
 
 
 @attrs.frozen

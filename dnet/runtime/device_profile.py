@@ -81,21 +81,30 @@ def measure_disk(directory: Path, mib: int = 64) -> float:
         Path(name).unlink(missing_ok=True)
 
 
-def measure(dtype: str = "float32", matvec_mib: int = 64, matmul_n: int = 1024) -> DeviceRates:
-    """Measure on the calling thread (the compute thread, in a peer)."""
+def measure(
+    dtype: str = "float32", hidden: int = 4096, matvec_mib: int = 64, matmul_n: int = 1024
+) -> DeviceRates:
+    """Measure on the calling thread (the compute thread, in a peer).
+
+    Bandwidth: one position through a stack of ``[4 * hidden, hidden]`` weights
+    (``x @ w.T``, as ``nn.Linear`` does), ``matvec_mib`` in all: the shapes and the
+    working set of a decode step of a model that wide.
+    """
     dt = DTYPES[dtype]
-    cols = 4096
-    rows = max(1, matvec_mib * 2**20 // (cols * dt.size))
-    w = mx.random.normal((rows, cols)).astype(dt)
-    v = mx.random.normal((cols, 1)).astype(dt)
+    per = 4 * hidden * hidden * dt.size
+    ws = [
+        mx.random.normal((4 * hidden, hidden)).astype(dt)
+        for _ in range(max(1, matvec_mib * 2**20 // per))
+    ]
+    x = mx.random.normal((1, hidden)).astype(dt)
     a = mx.random.normal((matmul_n, matmul_n)).astype(dt)
-    mx.eval(w, v, a)
-    matvec = _best_time(lambda: mx.eval(w @ v), 5)
+    mx.eval(ws, x, a)
+    matvec = _best_time(lambda: mx.eval([x @ w.T for w in ws]), 5)
     matmul = _best_time(lambda: mx.eval(a @ a), 3)
-    return DeviceRates(dtype, w.nbytes / matvec, 2 * matmul_n**3 / matmul)
+    return DeviceRates(dtype, sum(w.nbytes for w in ws) / matvec, 2 * matmul_n**3 / matmul)
 
 
-def _cache_key(dtype: str) -> str:
+def _cache_key(dtype: str, hidden: int) -> str:
     uname = platform.uname()
     return "|".join(
         [
@@ -106,15 +115,16 @@ def _cache_key(dtype: str) -> str:
             str(mx.default_device()),
             loaded_blas() or "bundled",
             dtype,
+            str(hidden),
         ]
     )
 
 
-def cached_rates(state_dir: Path, dtype: str) -> tuple[DeviceRates, bool]:
+def cached_rates(state_dir: Path, dtype: str, hidden: int = 4096) -> tuple[DeviceRates, bool]:
     """The rates for ``dtype``, measured once per hardware/software combination;
     returns whether they came from the cache."""
     path = state_dir / CACHE_FILE
-    key = _cache_key(dtype)
+    key = _cache_key(dtype, hidden)
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -127,7 +137,7 @@ def cached_rates(state_dir: Path, dtype: str) -> tuple[DeviceRates, bool]:
             float(entry["flops_s"]),
             float(entry.get("disk_read_bytes_s", 0.0)),
         ), True
-    rates = attrs.evolve(measure(dtype), disk_read_bytes_s=measure_disk(state_dir))
+    rates = attrs.evolve(measure(dtype, hidden), disk_read_bytes_s=measure_disk(state_dir))
     cache[key] = attrs.asdict(rates)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)

@@ -9,14 +9,14 @@ from dnet.runtime.device_profile import CACHE_FILE, cached_rates
 
 
 def test_rates_are_measured_once_then_cached(tmp_path):
-    first, was_cached = cached_rates(tmp_path, "float32")
+    first, was_cached = cached_rates(tmp_path, "float32", 256)
     assert not was_cached
     assert first.bandwidth_bytes_s > 1e7 and first.flops_s > 1e7
     assert first.disk_read_bytes_s > 1e6
     assert not list(tmp_path.glob(".dnet-disk-probe-*"))  # the probe file is gone
     start = time.perf_counter()
-    again, was_cached = cached_rates(tmp_path, "float32")
+    again, was_cached = cached_rates(tmp_path, "float32", 256)
     assert was_cached and again == first
     assert time.perf_counter() - start < 0.5
     stored = json.loads((tmp_path / CACHE_FILE).read_text())
-    assert len(stored) == 1 and next(iter(stored)).endswith("|float32")
+    assert len(stored) == 1 and next(iter(stored)).endswith("|float32|256")
