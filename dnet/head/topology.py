@@ -124,6 +124,7 @@ async def profile_devices(ring: Ring, dtype: str, hidden: int) -> list[DevicePro
             profiles[p.peer_id].bandwidth_bytes_s,
             profiles[p.peer_id].flops_s,
             profiles[p.peer_id].disk_read_bytes_s,
+            profiles[p.peer_id].layer_overhead_s,
         )
         for p in ring.peers
     ]

@@ -242,6 +242,7 @@ class PeerDaemon:
             rates.bandwidth_bytes_s,
             rates.flops_s,
             rates.disk_read_bytes_s,
+            rates.layer_overhead_s,
             cached,
         )
 

@@ -87,6 +87,7 @@ class Profile:
     bandwidth_bytes_s: float = 0.0
     flops_s: float = 0.0
     disk_read_bytes_s: float = 0.0
+    layer_overhead_s: float = 0.0
     cached: bool = False
 
 

@@ -35,6 +35,7 @@ class DeviceRates:
     bandwidth_bytes_s: float
     flops_s: float
     disk_read_bytes_s: float = 0.0
+    layer_overhead_s: float = 0.0
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -101,7 +102,43 @@ def measure(
     mx.eval(ws, x, a)
     matvec = _best_time(lambda: mx.eval([x @ w.T for w in ws]), 5)
     matmul = _best_time(lambda: mx.eval(a @ a), 3)
-    return DeviceRates(dtype, sum(w.nbytes for w in ws) / matvec, 2 * matmul_n**3 / matmul)
+    return DeviceRates(
+        dtype,
+        sum(w.nbytes for w in ws) / matvec,
+        2 * matmul_n**3 / matmul,
+        layer_overhead_s=measure_layer_overhead(),
+    )
+
+
+def measure_layer_overhead(layers: int = 8) -> float:
+    """Seconds a decoder layer costs beyond reading its weights: a stack of tiny
+    mlx_lm blocks (negligible bytes), one position, evaluated once, per layer."""
+    from mlx_lm.models import llama
+    from mlx_lm.models.cache import KVCache
+
+    args = llama.ModelArgs.from_dict(
+        dict(
+            model_type="llama",
+            hidden_size=64,
+            num_hidden_layers=1,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            vocab_size=32,
+        )
+    )
+    block = llama.TransformerBlock(args)
+    mx.eval(block.parameters())
+    x = mx.random.normal((1, 1, 64))
+
+    def step() -> None:
+        h = x
+        for cache in [KVCache() for _ in range(layers)]:
+            h = block(h, None, cache)
+        mx.eval(h)
+
+    return _best_time(step, 10) / layers
 
 
 def _cache_key(dtype: str, hidden: int) -> str:
@@ -136,6 +173,7 @@ def cached_rates(state_dir: Path, dtype: str, hidden: int = 4096) -> tuple[Devic
             float(entry["bandwidth_bytes_s"]),
             float(entry["flops_s"]),
             float(entry.get("disk_read_bytes_s", 0.0)),
+            float(entry.get("layer_overhead_s", 0.0)),
         ), True
     rates = attrs.evolve(measure(dtype, hidden), disk_read_bytes_s=measure_disk(state_dir))
     cache[key] = attrs.asdict(rates)

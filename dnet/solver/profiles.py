@@ -63,6 +63,7 @@ class DeviceProfile:
     bandwidth_bytes_s: float  # memory bandwidth: decode reads every weight once per token
     flops_s: float  # matmul rate at the model's dtype
     disk_read_bytes_s: float = 0.0  # for predicting load time; 0 if unknown
+    layer_overhead_s: float = 0.0  # per layer per step beyond reading weights (dispatch)
 
     def __attrs_post_init__(self) -> None:
         if self.bandwidth_bytes_s <= 0 or self.flops_s <= 0 or self.memory_bytes < 0:

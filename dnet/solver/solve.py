@@ -58,7 +58,8 @@ class _Costs:
         """Decode (``positions == 1``) is bound by bytes read; prefill by FLOPs."""
         last = b == self.m.num_layers
         flops = (self.flops[b] - self.flops[a]) * positions + (self.m.head_flops if last else 0)
-        return max(self.read_bytes(a, b) / d.bandwidth_bytes_s, flops / d.flops_s)
+        bound = max(self.read_bytes(a, b) / d.bandwidth_bytes_s, flops / d.flops_s)
+        return bound + (b - a) * d.layer_overhead_s
 
 
 def _link(links: Mapping[tuple[str, str], LinkProfile], src: str, dst: str) -> LinkProfile:

@@ -13,6 +13,7 @@ def test_rates_are_measured_once_then_cached(tmp_path):
     assert not was_cached
     assert first.bandwidth_bytes_s > 1e7 and first.flops_s > 1e7
     assert first.disk_read_bytes_s > 1e6
+    assert 0 < first.layer_overhead_s < 0.1
     assert not list(tmp_path.glob(".dnet-disk-probe-*"))  # the probe file is gone
     start = time.perf_counter()
     again, was_cached = cached_rates(tmp_path, "float32", 256)
