@@ -25,7 +25,7 @@ from typing import Protocol
 
 from dnet.protocol import PROTOCOL_ID
 from dnet.protocol.codec import ProtocolError, decode, encode
-from dnet.protocol.messages import Hello, HelloFinish, HelloReply
+from dnet.protocol.messages import Error, Hello, HelloFinish, HelloReply
 
 NONCE_BYTES = 32
 PEER_ID_PREFIX = "dn"
@@ -153,6 +153,8 @@ class ClientHandshake(_Side):
             reply, _ = decode(frame)
         except ProtocolError as exc:
             raise HandshakeFailed(f"bad handshake frame: {exc.message}") from None
+        if isinstance(reply, Error):
+            raise HandshakeFailed(f"the other side refused: {reply.message}")
         if not isinstance(reply, HelloReply):
             raise HandshakeFailed(f"expected HelloReply, got {type(reply).__name__}")
         if reply.protocol != PROTOCOL_ID:
@@ -228,6 +230,8 @@ class ServerHandshake(_Side):
                     self._name,
                 )
             )
+        if isinstance(message, Error):
+            raise HandshakeFailed(f"the other side refused: {message.message}")
         if not isinstance(message, HelloFinish):
             raise HandshakeFailed(f"expected HelloFinish, got {type(message).__name__}")
         assert self._transcript is not None

@@ -75,6 +75,20 @@ class Connection:
                 await self.link.aclose()
 
 
+@asynccontextmanager
+async def _handshaking(link: Link, who: str) -> AsyncIterator[None]:
+    """The handshake's time limit, and its failures: tell the other side, close."""
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+            yield
+    except HandshakeFailed as exc:
+        await Connection(link, "", "").fail(exc)
+        raise
+    except trio.TooSlowError:
+        await link.aclose()
+        raise HandshakeFailed(f"handshake with {who} timed out") from None
+
+
 async def client_handshake(
     link: Link,
     identity: Signer,
@@ -91,16 +105,9 @@ async def client_handshake(
     hs = ClientHandshake(
         identity, cluster_key, verify, expected_peer_id=expected_peer_id, name=name
     )
-    try:
-        with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-            await link.send(hs.hello())
-            await link.send(hs.receive(await link.receive()))
-    except HandshakeFailed as exc:
-        await Connection(link, "", "").fail(exc)
-        raise
-    except trio.TooSlowError:
-        await link.aclose()
-        raise HandshakeFailed(f"handshake with {address or 'peer'} timed out") from None
+    async with _handshaking(link, address or "peer"):
+        await link.send(hs.hello())
+        await link.send(hs.receive(await link.receive()))
     assert hs.remote_peer_id is not None
     return Connection(link, hs.remote_peer_id, hs.remote_name, address)
 
@@ -112,18 +119,11 @@ async def server_handshake(
     HandshakeFailed (the link is closed), LinkClosed
     """
     hs = ServerHandshake(identity, cluster_key, verify, name=name)
-    try:
-        with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-            reply = hs.receive(await link.receive())
-            assert reply is not None
-            await link.send(reply)
-            hs.receive(await link.receive())
-    except HandshakeFailed as exc:
-        await Connection(link, "", "").fail(exc)
-        raise
-    except trio.TooSlowError:
-        await link.aclose()
-        raise HandshakeFailed("handshake timed out") from None
+    async with _handshaking(link, "peer"):
+        reply = hs.receive(await link.receive())
+        assert reply is not None
+        await link.send(reply)
+        hs.receive(await link.receive())
     assert hs.remote_peer_id is not None
     return Connection(link, hs.remote_peer_id, hs.remote_name)
 
