@@ -108,3 +108,58 @@ class PeerSettings:
             openblas_thread_timeout=None if "OPENBLAS_THREAD_TIMEOUT" in env else 20,
             log_level=(get("log_level") or env.get("DNET_LOG_LEVEL") or "INFO").upper(),
         )
+
+
+@attrs.frozen
+class ConsoleSettings:
+    """Settings of ``dnet-console`` (the head, headless or with its dashboard)."""
+
+    headless: bool = False
+    connect: str | None = None  # attach the dashboard to a remote head's API
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    peers: tuple[str, ...] = ()
+    peers_file: Path | None = None
+    mdns: bool = True
+    interfaces: tuple[str, ...] = ()  # mDNS browse interfaces; () = every non-loopback IPv4
+    model: str | None = None
+    state_dir: Path = Path(".")
+    cluster_key_file: Path | None = None
+    cluster_key: str | None = None
+    api_key: str | None = None
+    max_concurrent: int = 64
+    context: int = 4096
+    wait_peers_s: float = 30.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_args(cls, args: object, env: Mapping[str, str] | None = None) -> ConsoleSettings:
+        env = os.environ if env is None else env
+
+        def get(name: str) -> Any:
+            return getattr(args, name, None)
+
+        key_file = get("cluster_key_file") or env.get("DNET_CLUSTER_KEY_FILE")
+        peers_file = get("peers_file") or env.get("DNET_PEERS_FILE")
+        port = get("http_port")
+        return cls(
+            headless=bool(get("headless")),
+            connect=get("connect"),
+            http_host=get("http_host") or env.get("DNET_HTTP_HOST") or "127.0.0.1",
+            http_port=port if port is not None else int(env.get("DNET_HTTP_PORT", "8080")),
+            peers=tuple(get("peer") or ()),
+            peers_file=Path(peers_file).expanduser() if peers_file else None,
+            mdns=not get("no_mdns") and env.get("DNET_MDNS", "1") != "0",
+            interfaces=tuple(get("interface") or ()),
+            model=get("model") or env.get("DNET_MODEL"),
+            state_dir=Path(get("state_dir")).expanduser()
+            if get("state_dir")
+            else default_state_dir(env),
+            cluster_key_file=Path(key_file).expanduser() if key_file else None,
+            cluster_key=env.get("DNET_CLUSTER_KEY") or None,
+            api_key=get("api_key") or env.get("DNET_API_KEY") or None,
+            max_concurrent=get("max_concurrent") or int(env.get("DNET_MAX_CONCURRENT", "64")),
+            context=get("context") or int(env.get("DNET_CONTEXT", "4096")),
+            wait_peers_s=float(env.get("DNET_WAIT_PEERS", "30")),
+            log_level=(get("log_level") or env.get("DNET_LOG_LEVEL") or "INFO").upper(),
+        )

@@ -125,3 +125,21 @@ class ModelNotLoaded(DnetError):
     """A request needs a model and none is loaded."""
 
     code = "model_not_loaded"
+
+
+class OverCapacity(DnetError):
+    """More requests at once than the head admits (``--max-concurrent``)."""
+
+    code = "over_capacity"
+
+
+class InvalidRequest(DnetError):
+    """A client request that cannot be served as asked; ``param`` names the field."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        if code is not None:
+            self.code = code

@@ -94,12 +94,17 @@ class PeerClient:
             self._reply_send.close()
             on_closed(self, why)
 
-    async def _round_trip(self, message: Message, payload: bytes, timeout: float) -> Message:
+    async def _round_trip(
+        self, make: Callable[[], Message], payload: bytes, timeout: float
+    ) -> tuple[Message, Message]:
+        """Send ``make()`` (built under the lock, so pings number in sending order)
+        and return it with its reply."""
         async with self._lock:
+            message = make()
             try:
                 await self.conn.send(message, payload)
                 with trio.fail_after(timeout):
-                    return await self._reply_receive.receive()
+                    return message, await self._reply_receive.receive()
             except (LinkClosed, trio.EndOfChannel, trio.ClosedResourceError) as exc:
                 raise PeerUnavailable(f"peer {self.label} went away") from exc
             except trio.TooSlowError:
@@ -113,7 +118,7 @@ class PeerClient:
         Raises:
             PeerUnavailable: the peer went away; PeerError: it answered with an error.
         """
-        reply = await self._round_trip(message, b"", timeout)
+        _, reply = await self._round_trip(lambda: message, b"", timeout)
         if isinstance(reply, Error):
             raise PeerError(f"peer {self.label}: {reply.message}", reply.code, self.peer_id)
         return reply
@@ -128,14 +133,17 @@ class PeerClient:
         Raises:
             PeerUnavailable, PeerError
         """
-        self._seq += 1
-        start = time.perf_counter()
-        sent_ns = time.monotonic_ns()
-        reply = await self._round_trip(Ping(self._seq, sent_ns), payload, timeout)
-        if not isinstance(reply, Pong) or reply.seq != self._seq:
+        def make() -> Ping:
+            self._seq += 1
+            return Ping(self._seq, time.monotonic_ns())
+
+        ping, reply = await self._round_trip(make, payload, timeout)
+        assert isinstance(ping, Ping)
+        if not isinstance(reply, Pong) or reply.seq != ping.seq:
             raise PeerError(f"peer {self.label} answered a ping with {reply!r}")
+        sent_ns = ping.sent_ns
         return PingTimes(
-            time.perf_counter() - start,
+            (time.monotonic_ns() - sent_ns) / 1e9,
             (reply.received_ns - sent_ns) / 1e9,
             (self._pong_arrived_ns - reply.received_ns) / 1e9,
         )

@@ -11,7 +11,7 @@ import copy
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -102,6 +102,16 @@ class Ring:
         self.max_context: int | None = None
         self._sessions: dict[str, trio.MemorySendChannel[Token | Error | _Failure]] = {}
         self.closing = False
+        self._membership = trio.Event()
+
+    def _membership_changed(self) -> None:
+        self._membership.set()
+        self._membership = trio.Event()
+
+    async def wait_peers(self, count: int) -> None:
+        """Return once at least ``count`` peers are connected."""
+        while len(self.peers) < count:
+            await self._membership.wait()
 
     # -- membership -----------------------------------------------------------------
 
@@ -138,12 +148,14 @@ class Ring:
                     f"{twin.address}: a copied state directory? Give each install its own."
                 )
             self.peers.append(client)
+            self._membership_changed()
             log.info("peer %s joined", client.label)
             task_status.started(client)
             try:
                 await client.serve(self._on_request_message, self._on_closed)
             finally:
                 self.peers.remove(client)
+                self._membership_changed()
 
     # -- peer events (called from the PeerClient tasks) --------------------------
 
@@ -268,7 +280,7 @@ class Ring:
         stop: Sequence[str] = (),
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         token_timeout: float = TOKEN_TIMEOUT_S,
-    ) -> AsyncIterator[GenerationEvent]:
+    ) -> AsyncGenerator[GenerationEvent, None]:
         """Generate from token ids; an async generator of ``GenerationEvent``s.
 
         Use it inside ``contextlib.aclosing`` so that stopping early frees the

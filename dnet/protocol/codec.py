@@ -122,7 +122,6 @@ def decode(frame: bytes | bytearray | memoryview) -> tuple[Message, bytes]:
     return message, payload
 
 
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, cattrs.BaseValidationError):
         return "; ".join(str(e) for e in cattrs.transform_error(exc))

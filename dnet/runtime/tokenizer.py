@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
+from mlx_lm.tokenizer_utils import _byte_decoder as _gpt2_byte_decoder
 from mlx_lm.utils import load_tokenizer as _load_tokenizer
 
 from dnet.errors import InvalidModel
+
+# GPT-2's printable stand-ins for bytes, as mlx_lm's BPE detokenizer reads them.
+_BYTE_DECODER: dict[str, int] = _gpt2_byte_decoder()
 
 
 def load_tokenizer(path: str | Path, eos_token_ids: Any = None) -> TokenizerWrapper:
@@ -28,3 +32,15 @@ def chat_prompt(tokenizer: TokenizerWrapper, messages: list[dict[str, str]]) -> 
     if tokenizer.has_chat_template:
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     return list(tokenizer.encode("\n".join(m["content"] for m in messages)))
+
+
+def token_bytes(tokenizer: TokenizerWrapper, token_id: int) -> bytes:
+    """The raw bytes of one token (a byte-level BPE token may hold part of a
+    character, which text alone cannot show)."""
+    detokenizer = tokenizer.detokenizer
+    if isinstance(detokenizer, BPEStreamingDetokenizer) and token_id < len(detokenizer.tokenmap):
+        decoder = _BYTE_DECODER
+        piece = detokenizer.tokenmap[token_id]
+        if all(c in decoder for c in piece):
+            return bytes(decoder[c] for c in piece)
+    return str(tokenizer.decode([token_id])).encode()

@@ -3,6 +3,8 @@ implementation on the other side, and only FrameError for garbage."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,7 +28,7 @@ from dnet.transport.frames import (
 def _feed_in_pieces(reader: FrameReader, data: bytes, cuts: list[int]) -> list[tuple[int, bytes]]:
     out = []
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    for a, b in zip(points, points[1:], strict=False):
+    for a, b in itertools.pairwise(points):
         reader.receive_data(data[a:b])
         while (message := reader.next_message()) is not None:
             out.append(message)

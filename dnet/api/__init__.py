@@ -1,0 +1,1 @@
+"""The HTTP API: OpenAI endpoints and cluster management, served by hypercorn."""

@@ -1,0 +1,413 @@
+"""The Quart-trio app: OpenAI endpoints and the cluster endpoints, over a Coordinator.
+
+Errors leave in one place (``_error_response``): every ``DnetError`` becomes
+OpenAI's error shape with an honest status code.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import AsyncExitStack, aclosing
+from typing import Any
+
+import attrs
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from dnet.api.requests import GenerationRequest, parse_chat, parse_completion, parse_json
+from dnet.api.responses import (
+    chat_chunk,
+    chat_completion,
+    chat_logprobs,
+    completion,
+    completion_logprobs,
+    error_body,
+    sse,
+    usage,
+    usage_chunk,
+)
+from dnet.errors import (
+    ContextOverflow,
+    DnetError,
+    InvalidModel,
+    InvalidRequest,
+    InvalidSamplingParams,
+    LayerRangeError,
+    ModelNotFound,
+    ModelNotLoaded,
+    OverCapacity,
+    PeerError,
+    PeerUnavailable,
+    UnsupportedArchitecture,
+)
+from dnet.head.coordinator import Coordinator, topology_from_json
+from dnet.head.ring import GenerationEvent
+from dnet.head.topology import topology_json
+from dnet.solver.profiles import NoFeasiblePlan
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 << 20
+
+# (error class, HTTP status, OpenAI error type); the first match wins.
+_STATUS: tuple[tuple[type[DnetError], int, str], ...] = (
+    (InvalidRequest, 400, "invalid_request_error"),
+    (ContextOverflow, 400, "invalid_request_error"),
+    (InvalidSamplingParams, 400, "invalid_request_error"),
+    (LayerRangeError, 400, "invalid_request_error"),
+    (ModelNotFound, 404, "invalid_request_error"),
+    (InvalidModel, 400, "invalid_request_error"),
+    (UnsupportedArchitecture, 400, "invalid_request_error"),
+    (NoFeasiblePlan, 409, "invalid_request_error"),
+    (OverCapacity, 429, "rate_limit_error"),
+    (ModelNotLoaded, 503, "server_error"),
+    (PeerError, 502, "server_error"),
+    (PeerUnavailable, 503, "server_error"),
+)
+_CODES = {ContextOverflow: "context_length_exceeded", OverCapacity: "rate_limit_exceeded"}
+
+
+def error_status(exc: DnetError) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and OpenAI-shaped body for ``exc``."""
+    for cls, status, kind in _STATUS:
+        if isinstance(exc, cls):
+            code = _CODES.get(cls, exc.code)
+            return status, error_body(exc.message, kind, code, getattr(exc, "param", None))
+    return 500, error_body(exc.message, "server_error", exc.code)
+
+
+def _error_response(exc: DnetError) -> Response:
+    status, body = error_status(exc)
+    if status >= 500:
+        log.warning("%s: %s", exc.code, exc.message)
+    return _json(body, status)
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    import json
+
+    return Response(json.dumps(body), status=status, content_type="application/json")
+
+
+class _StreamBody:
+    """A streamed response's body. Closing it (Quart does when the client goes, or
+    when the stream ends) ends the generation on every peer and frees the slot."""
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None], cleanup: AsyncExitStack) -> None:
+        self._chunks = chunks
+        self._cleanup = cleanup
+        self._closed = False
+
+    def __aiter__(self) -> _StreamBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await self._chunks.aclose()
+            finally:
+                await self._cleanup.aclose()
+
+
+def create_app(coordinator: Coordinator, *, api_key: str | None = None) -> QuartTrio:
+    app = QuartTrio("dnet")
+    app.config["RESPONSE_TIMEOUT"] = None  # a stream lasts as long as its generation
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+
+    @app.before_request
+    async def check_api_key() -> Response | None:
+        if api_key is None or not request.path.startswith("/v1"):
+            return None
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            return _json(
+                error_body(
+                    "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                    "invalid_request_error",
+                    "invalid_api_key",
+                ),
+                401,
+            )
+        return None
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        return _json(
+            error_body(exc.description or exc.name, "invalid_request_error", exc.name), status
+        )
+
+    @app.errorhandler(DnetError)
+    async def dnet_error(exc: DnetError) -> Response:
+        return _error_response(exc)
+
+    async def body() -> dict[str, Any]:
+        data = await request.get_data(as_text=False)
+        return parse_json(data if isinstance(data, bytes) else data.encode())
+
+    @app.get("/health")
+    async def health() -> Response:
+        stats = coordinator.statistics()
+        return _json(
+            {
+                "status": "ok",
+                "state": stats.state,
+                "model": stats.model,
+                "peers": len(coordinator.ring.peers),
+            }
+        )
+
+    @app.get("/v1/devices")
+    async def devices() -> Response:
+        return _json({"object": "list", "data": await coordinator.devices()})
+
+    @app.post("/v1/prepare_topology")
+    async def prepare() -> Response:
+        data = await body()
+        model = data.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("'model' must name a model directory or repo id", "model")
+        context = data.get("context", data.get("max_context"))
+        if context is not None and (not isinstance(context, int) or context < 1):
+            raise InvalidRequest("'context' must be a positive integer", "context")
+        objective = data.get("objective")
+        if objective not in (None, "latency", "throughput"):
+            raise InvalidRequest("'objective' must be latency or throughput", "objective")
+        topology = await coordinator.prepare(model, context=context, objective=objective)
+        return _json(topology_json(topology))
+
+    @app.get("/v1/topology")
+    async def topology() -> Response:
+        if coordinator.topology is None:
+            return _json(
+                error_body(
+                    "no topology yet: POST /v1/prepare_topology",
+                    "invalid_request_error",
+                    "no_topology",
+                ),
+                404,
+            )
+        return _json(topology_json(coordinator.topology))
+
+    @app.post("/v1/load_model")
+    async def load_model() -> Response:
+        data = await body()
+        if "assignments" in data:
+            result = await coordinator.load(topology=topology_from_json(data))
+        elif isinstance(data.get("topology"), dict):
+            result = await coordinator.load(
+                model=data.get("model"), topology=topology_from_json(data["topology"])
+            )
+        else:
+            model = data.get("model")
+            if not isinstance(model, str) or not model:
+                raise InvalidRequest("give 'model', or a topology from prepare_topology", "model")
+            result = await coordinator.load(model=model)
+        return _json(result)
+
+    @app.post("/v1/unload_model")
+    async def unload_model() -> Response:
+        await coordinator.unload()
+        return _json({"status": "unloaded"})
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        model = coordinator.model
+        data = [_model_entry(model)] if model is not None else []
+        return _json({"object": "list", "data": data})
+
+    @app.get("/v1/models/<path:name>")
+    async def model_info(name: str) -> Response:
+        return _json(_model_entry(coordinator.resolve_model(name)))
+
+    @app.get("/v1/status")
+    async def status() -> Response:
+        stats = attrs.asdict(coordinator.statistics())
+        stats["load_progress"] = {k: list(v) for k, v in stats["load_progress"].items()}
+        return _json(
+            {
+                "head": stats,
+                "model": attrs.asdict(coordinator.model) if coordinator.model else None,
+                "topology": topology_json(coordinator.topology) if coordinator.topology else None,
+            }
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> Response:
+        return await _generate(coordinator, parse_chat(await body()), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions() -> Response:
+        return await _generate(coordinator, parse_completion(await body()), chat=False)
+
+    return app
+
+
+def _model_entry(model: Any) -> dict[str, Any]:
+    return {
+        "id": model.id,
+        "object": "model",
+        "created": model.created,
+        "owned_by": "dnet",
+        "architecture": model.architecture,
+        "num_layers": model.num_layers,
+        "context_length": model.context,
+    }
+
+
+async def _prompt(coordinator: Coordinator, req: GenerationRequest, chat: bool) -> list[int]:
+    from dnet.runtime.tokenizer import chat_prompt
+
+    tokenizer = coordinator.tokenizer
+    if chat:
+        messages = [dict(m) for m in req.messages]
+        return await trio.to_thread.run_sync(chat_prompt, tokenizer, messages)
+    if isinstance(req.prompt, tuple):
+        vocab = len(tokenizer)
+        bad = next((t for t in req.prompt if t >= vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} is outside the vocabulary ({vocab})", "prompt")
+        return list(req.prompt)
+    return list(await trio.to_thread.run_sync(tokenizer.encode, req.prompt))
+
+
+async def _generate(coordinator: Coordinator, req: GenerationRequest, *, chat: bool) -> Response:
+    model = coordinator.resolve_model(req.model)
+    prompt = await _prompt(coordinator, req, chat)
+    max_tokens = coordinator.token_limit(len(prompt), req.max_tokens)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    eos = coordinator.tokenizer.eos_token_ids
+    from dnet.runtime.tokenizer import token_bytes
+
+    tokenizer = coordinator.tokenizer
+
+    def tb(token_id: int) -> bytes:
+        return token_bytes(tokenizer, token_id)
+
+    def scored(e: GenerationEvent) -> bool:
+        # A stop token ends the answer; like OpenAI, it has no logprobs entry.
+        return req.logprobs and not (e.finish_reason == "stop" and e.token_id in eos)
+
+    cleanup = AsyncExitStack()
+    async with cleanup:
+        await cleanup.enter_async_context(coordinator.admitted())
+        events = await cleanup.enter_async_context(
+            aclosing(coordinator.generate(prompt, req.params, max_tokens=max_tokens, stop=req.stop))
+        )
+        # The first token before any byte is sent: an early failure gets its status.
+        first = await events.__anext__()
+        if req.stream:
+            chunks = _chat_chunks if chat else _completion_chunks
+            stream = _StreamBody(
+                chunks(req, rid, created, model.id, first, events, len(prompt), tb, scored),
+                cleanup.pop_all(),
+            )
+            return Response(
+                stream,
+                content_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        got = [first]
+        if first.finish_reason is None:
+            got.extend([e async for e in events])
+    text = "".join(e.text for e in got)
+    use = usage(len(prompt), len(got))
+    finish = got[-1].finish_reason
+    picked = [e for e in got if scored(e)]
+    if chat:
+        lp = chat_logprobs(picked, tb) if req.logprobs else None
+        return _json(chat_completion(rid, created, model.id, text, finish, use, lp))
+    prefix = tokenizer.decode(prompt) if req.echo else ""
+    lp = completion_logprobs(picked, tb, len(prefix)) if req.logprobs else None
+    return _json(completion(rid, created, model.id, prefix + text, finish, use, lp))
+
+
+async def _rest(first: GenerationEvent, events: Any) -> AsyncGenerator[GenerationEvent, None]:
+    yield first
+    if first.finish_reason is None:
+        async for e in events:
+            yield e
+
+
+async def _chat_chunks(
+    req, rid, created, model, first, events, prompt_tokens, tb, scored
+) -> AsyncGenerator[bytes, None]:
+    n = 0
+    yield sse(
+        chat_chunk(
+            rid, created, model, {"role": "assistant", "content": ""}, with_usage=req.include_usage
+        )
+    )
+    try:
+        async for e in _rest(first, events):
+            n += 1
+            lp = chat_logprobs([e], tb) if scored(e) else None
+            if e.text or lp is not None or e.finish_reason:
+                delta = {"content": e.text} if e.text else {}
+                yield sse(
+                    chat_chunk(
+                        rid,
+                        created,
+                        model,
+                        delta,
+                        finish_reason=e.finish_reason,
+                        logprobs=lp,
+                        with_usage=req.include_usage,
+                    )
+                )
+    except DnetError as exc:
+        yield sse(error_status(exc)[1])
+        return
+    if req.include_usage:
+        yield sse(
+            usage_chunk(rid, created, model, "chat.completion.chunk", usage(prompt_tokens, n))
+        )
+    yield sse("[DONE]")
+
+
+async def _completion_chunks(
+    req, rid, created, model, first, events, prompt_tokens, tb, scored
+) -> AsyncGenerator[bytes, None]:
+    n, offset = 0, 0
+    try:
+        async for e in _rest(first, events):
+            n += 1
+            lp = completion_logprobs([e], tb, offset) if scored(e) else None
+            offset += len(e.text)
+            if e.text or lp is not None or e.finish_reason:
+                yield sse(
+                    completion(
+                        rid,
+                        created,
+                        model,
+                        e.text,
+                        e.finish_reason,
+                        None,
+                        lp,
+                        stream=True,
+                        with_usage=req.include_usage,
+                    )
+                )
+    except DnetError as exc:
+        yield sse(error_status(exc)[1])
+        return
+    if req.include_usage:
+        yield sse(usage_chunk(rid, created, model, "text_completion", usage(prompt_tokens, n)))
+    yield sse("[DONE]")

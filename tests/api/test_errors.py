@@ -1,0 +1,162 @@
+"""Every error case answers with its status and OpenAI's error shape; auth; 429."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from openai import APIError, AuthenticationError, OpenAI, RateLimitError
+
+from .conftest import load_split, start_cluster, stop_cluster
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def chat(cluster, **fields):
+    body = {"model": str(cluster.model), "messages": [{"role": "user", "content": "hi"}]}
+    body.update(fields)
+    return cluster.post("/v1/chat/completions", {k: v for k, v in body.items() if v is not None})
+
+
+def test_malformed_json_is_a_400(cluster):
+    response = httpx.post(
+        cluster.url + "/v1/chat/completions",
+        content=b'{"model": "x", "messages": [',
+        headers={"content-type": "application/json"},
+    )
+    assert_openai_error(response, 400)
+    assert_openai_error(httpx.post(cluster.url + "/v1/completions", content=b"[1, 2]"), 400)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, None),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 2}, "n"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"top_logprobs": 50, "logprobs": True}, "top_logprobs"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None),
+        ({"stop": ["a"] * 40}, "stop"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"presence_penalty": 1.0}, "presence_penalty"),
+        ({"seed": -1}, "seed"),
+        ({"max_tokens": 100_000}, None),  # beyond the context
+        ({"model": None}, "model"),
+    ],
+)
+def test_invalid_fields_are_400_naming_the_field(cluster, fields, param):
+    error = assert_openai_error(chat(cluster, **fields), 400, param)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_content_parts_are_joined_like_plain_text(cluster):
+    parts = chat(
+        cluster,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        max_tokens=5,
+        temperature=0,
+    )
+    plain = chat(cluster, max_tokens=5, temperature=0)
+    assert parts.status_code == plain.status_code == 200
+    assert parts.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+
+
+def test_unknown_model_is_404_and_unknown_route_too(cluster):
+    error = assert_openai_error(chat(cluster, model="no-such-model"), 404)
+    assert error["code"] == "model_not_found"
+    assert_openai_error(cluster.get("/v1/models/no-such-model"), 404)
+    assert_openai_error(cluster.get("/v1/nothing-here"), 404)
+    assert_openai_error(httpx.get(cluster.url + "/v1/chat/completions"), 405)
+
+
+def test_no_model_loaded_is_503_and_no_peers_cannot_prepare(tiny_model, tmp_path):
+    c = start_cluster(tmp_path, tiny_model(arch="qwen3"), 0)
+    try:
+        assert c.get("/health").json()["state"] == "idle"
+        assert c.get("/v1/models").json() == {"object": "list", "data": []}
+        error = assert_openai_error(chat(c), 503)
+        assert error["code"] == "model_not_loaded"
+        assert_openai_error(c.post("/v1/prepare_topology", {"model": str(c.model)}), 503)
+        assert_openai_error(c.post("/v1/load_model", {}), 400, "model")
+        assert_openai_error(c.get("/v1/topology"), 404)
+    finally:
+        stop_cluster(c)
+
+
+def test_api_key_over_capacity_and_a_dead_peer(tiny_model, tmp_path):
+    c = start_cluster(
+        tmp_path,
+        tiny_model(arch="qwen3"),
+        2,
+        "--api-key",
+        "sesame",
+        "--max-concurrent",
+        "1",
+        headers={"Authorization": "Bearer sesame"},
+    )
+    try:
+        load_split(c)
+        # Auth: /v1 needs the key, /health does not.
+        assert httpx.get(c.url + "/health").status_code == 200
+        no_key = httpx.get(c.url + "/v1/models")
+        assert assert_openai_error(no_key, 401)["code"] == "invalid_api_key"
+        wrong = OpenAI(base_url=c.url + "/v1", api_key="nope", max_retries=0)
+        with pytest.raises(AuthenticationError):
+            wrong.models.list()
+        right = OpenAI(base_url=c.url + "/v1", api_key="sesame", max_retries=0, timeout=30)
+        assert right.models.list().data[0].id == str(c.model)
+
+        # Over capacity: one long stream holds the only slot.
+        long = {**_long_request(c), "stream": True}
+        with (
+            httpx.Client(timeout=30, headers=c.headers) as http,
+            http.stream("POST", c.url + "/v1/chat/completions", json=long) as response,
+        ):
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            error = assert_openai_error(chat(c, max_tokens=4), 429)
+            assert error["code"] == "rate_limit_exceeded"
+            with pytest.raises(RateLimitError):
+                right.chat.completions.create(
+                    model=str(c.model), messages=[{"role": "user", "content": "x"}]
+                )
+
+            # A peer dies mid-stream: an error event, then the stream ends.
+            c.peers[1].kill()
+            rest = list(lines)
+        events = [line[6:] for line in rest if line.startswith("data: ")]
+        assert '"error"' in events[-1] and "[DONE]" not in events
+        # The next request fails fast with 503, naming the dead peer.
+        error = assert_openai_error(chat(c, max_tokens=4), 503)
+        assert "ap1" in error["message"]
+        with pytest.raises(APIError):
+            right.chat.completions.create(
+                model=str(c.model), messages=[{"role": "user", "content": "x"}], stream=True
+            )
+    finally:
+        stop_cluster(c)
+
+
+def _long_request(c) -> dict:
+    return {
+        "model": str(c.model),
+        "messages": [{"role": "user", "content": "go on"}],
+        "max_tokens": 3000,
+        "temperature": 0.9,
+        "seed": 1,
+    }
