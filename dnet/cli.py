@@ -57,14 +57,12 @@ def _generate(settings: GenerateSettings) -> int:
     from dnet.runtime.blas import loaded_blas
     from dnet.runtime.local import even_cuts, generate, load_chain
     from dnet.runtime.model_dir import open_model_dir
-    from dnet.runtime.tiny import TinySpec, ensure_tiny_model
+    from dnet.runtime.tiny import DEMO_SPEC, ensure_tiny_model
     from dnet.runtime.tokenizer import chat_prompt, load_tokenizer
     from dnet.sampling import SamplingParams
 
     if settings.model is None:
-        path = ensure_tiny_model(
-            settings.cache_dir / "models", TinySpec(arch="qwen3", layers=6, hidden=128)
-        )
+        path = ensure_tiny_model(settings.cache_dir / "models", DEMO_SPEC)
         print(
             f"using the bundled tiny demo model (random weights: expect gibberish) at {path}",
             file=sys.stderr,

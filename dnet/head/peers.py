@@ -133,6 +133,7 @@ class PeerClient:
         Raises:
             PeerUnavailable, PeerError
         """
+
         def make() -> Ping:
             self._seq += 1
             return Ping(self._seq, time.monotonic_ns())

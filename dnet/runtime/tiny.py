@@ -265,6 +265,10 @@ def make_tiny_model(out: str | Path, spec: TinySpec | None = None) -> Path:
     return out
 
 
+# The model of the local demo and the README's examples.
+DEMO_SPEC = TinySpec(arch="qwen3", layers=6, hidden=128)
+
+
 def ensure_tiny_model(cache_dir: str | Path, spec: TinySpec | None = None) -> Path:
     """The model for ``spec`` under ``cache_dir``, made on first use."""
     spec = spec or TinySpec()
@@ -274,4 +278,11 @@ def ensure_tiny_model(cache_dir: str | Path, spec: TinySpec | None = None) -> Pa
     return path
 
 
-__all__ = ["ARCHES", "TinySpec", "ensure_tiny_model", "make_tiny_model", "train_tokenizer"]
+__all__ = [
+    "ARCHES",
+    "DEMO_SPEC",
+    "TinySpec",
+    "ensure_tiny_model",
+    "make_tiny_model",
+    "train_tokenizer",
+]

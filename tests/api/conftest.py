@@ -48,9 +48,7 @@ def start_cluster(
     try:
         for i in range(n_peers):
             peers.append(PeerProcess(root / f"peer{i}", key_file, f"ap{i}"))
-        console = ConsoleProcess(
-            root / "head", key_file, [p.address for p in peers], *console_args
-        )
+        console = ConsoleProcess(root / "head", key_file, [p.address for p in peers], *console_args)
     except BaseException:
         for p in peers:
             p.stop()

@@ -91,7 +91,9 @@ def test_completions_greedy_equals_mlx_lm_plain_and_streamed(cluster):
     prompt = "Once upon a time, a fox"
     _, tokenizer = _mlx_lm(str(cluster.model))
     expected = reference(cluster.model, tokenizer.encode(prompt), 16)
-    got = c.completions.create(model=str(cluster.model), prompt=prompt, max_tokens=16, temperature=0)
+    got = c.completions.create(
+        model=str(cluster.model), prompt=prompt, max_tokens=16, temperature=0
+    )
     assert got.choices[0].text == expected
     assert got.object == "text_completion"
     assert got.usage.prompt_tokens == len(tokenizer.encode(prompt))
