@@ -63,3 +63,16 @@ async def announce_static(
     """Feed static addresses into the same stream mDNS feeds."""
     for address in addresses:
         await send.send(PeerFound(parse_peer_address(address), None, "", "static"))
+
+
+async def redial_static(
+    addresses: Sequence[str],
+    send: trio.MemorySendChannel[PeerFound | PeerLost],
+    interval_s: float = 10.0,
+) -> None:
+    """Announce the static addresses again every ``interval_s``, so that a peer
+    that was down (or restarted) is joined when it comes back; whoever follows the
+    events skips those already connected."""
+    while True:
+        await trio.sleep(interval_s)
+        await announce_static(addresses, send)

@@ -332,8 +332,11 @@ class Coordinator:
         now = time.monotonic()
         while self._recent and self._recent[0] < now - RATE_WINDOW_S:
             self._recent.popleft()
+        state = self.state
+        if state == "loaded" and any(not p.alive for p in self.ring.order):
+            state = "degraded"  # a peer of the ring is gone: requests fail until a reload
         return HeadStatistics(
-            state=self.state,
+            state=state,
             model=self.model.id if self.model else None,
             active_requests=self._active,
             max_concurrent=self.max_concurrent,
@@ -355,10 +358,12 @@ async def open_coordinator(
     max_concurrent: int = 64,
     context: int = 4096,
     health_interval_s: float = 5.0,
+    redial_interval_s: float = 10.0,
 ) -> AsyncIterator[Coordinator]:
-    """A coordinator whose ring follows discovery: the static addresses and, when
-    ``mdns_interfaces`` are given, peers advertised over mDNS on them."""
-    from dnet.discovery.static import announce_static
+    """A coordinator whose ring follows discovery: the static addresses (dialled
+    again every ``redial_interval_s`` while down) and, when ``mdns_interfaces`` are
+    given, peers advertised over mDNS on them."""
+    from dnet.discovery.static import announce_static, redial_static
 
     async with open_ring([], identity, cluster_key) as ring, trio.open_nursery() as nursery:
         coordinator = Coordinator(ring, max_concurrent=max_concurrent, context=context)
@@ -369,6 +374,8 @@ async def open_coordinator(
 
             await nursery.start(browse, list(mdns_interfaces), send.clone())
         await announce_static(static_peers, send)
+        if static_peers:
+            nursery.start_soon(redial_static, list(static_peers), send, redial_interval_s)
         nursery.start_soon(serve_health_checks, ring, health_interval_s)
         try:
             yield coordinator

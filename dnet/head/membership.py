@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 async def follow_discovery(
     ring: Ring, events: trio.MemoryReceiveChannel[PeerFound | PeerLost]
 ) -> None:
-    """Run until ``events`` closes or the task is cancelled."""
+    """Run until ``events`` closes or the task is cancelled. An address that keeps
+    failing is logged as a warning once, then quietly until it works."""
+    failing: set[str] = set()
     async for event in events:
         if isinstance(event, PeerLost):
             log.info("peer %s left (%s goodbye)", event.peer_id[:12], event.source)
@@ -26,7 +28,8 @@ async def follow_discovery(
         # tried, so that a clone is caught by the handshake and reported.
         if any(p.address == event.address and p.alive for p in ring.peers):
             continue
-        log.info(
+        log.log(
+            logging.DEBUG if event.address in failing else logging.INFO,
             "found %s (%s) at %s via %s",
             event.name or "peer",
             (event.peer_id or "?")[:12],
@@ -36,7 +39,11 @@ async def follow_discovery(
         try:
             await ring.connect(event.address, event.peer_id)
         except DnetError as exc:
-            log.warning("could not add %s: %s", event.address, exc.message)
+            level = logging.DEBUG if event.address in failing else logging.WARNING
+            log.log(level, "could not add %s: %s", event.address, exc.message)
+            failing.add(event.address)
+        else:
+            failing.discard(event.address)
 
 
 async def serve_health_checks(ring: Ring, interval_s: float = 5.0, timeout_s: float = 5.0) -> None:

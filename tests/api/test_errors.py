@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 from openai import APIError, AuthenticationError, OpenAI, RateLimitError
@@ -144,10 +147,26 @@ def test_api_key_over_capacity_and_a_dead_peer(tiny_model, tmp_path):
         # The next request fails fast with 503, naming the dead peer.
         error = assert_openai_error(chat(c, max_tokens=4), 503)
         assert "ap1" in error["message"]
+        assert c.get("/health").json()["state"] == "degraded"
         with pytest.raises(APIError):
             right.chat.completions.create(
                 model=str(c.model), messages=[{"role": "user", "content": "x"}], stream=True
             )
+
+        # Load again on the survivor; then it dies under a plain (unstreamed) request.
+        reloaded = c.post("/v1/load_model", {"model": str(c.model)})
+        assert reloaded.status_code == 200, reloaded.text
+        assert [p["name"] for p in reloaded.json()["peers"]] == ["ap0"]
+        assert chat(c, max_tokens=3).status_code == 200
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(lambda: c.post("/v1/chat/completions", _long_request(c)))
+            c.wait(lambda: c.peer_active() == [1], 10, "the request runs")
+            c.peers[0].kill()
+            killed = time.monotonic()
+            response = pending.result(timeout=30)
+        assert time.monotonic() - killed < 5
+        error = assert_openai_error(response, 503)
+        assert "ap0" in error["message"]
     finally:
         stop_cluster(c)
 

@@ -59,3 +59,31 @@ async def test_two_live_peers_with_one_identity_are_reported():
         assert len(ring.peers) == 1
         assert ring.duplicates[0][0] == clone.peer_id
         nursery.cancel_scope.cancel()
+
+
+async def test_a_static_peer_that_starts_late_is_joined(autojump_clock):
+    # A free port now; the peer starts there only after the head has tried it.
+    probe = trio.socket.socket()
+    await probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    from dnet.head.coordinator import open_coordinator
+
+    async with (
+        open_compute_thread() as compute,
+        trio.open_nursery() as nursery,
+        open_coordinator(
+            Identity.generate(),
+            CLUSTER_KEY,
+            static_peers=[f"127.0.0.1:{port}"],
+            redial_interval_s=10,
+        ) as coordinator,
+    ):
+        await trio.sleep(1)
+        assert coordinator.ring.peers == []
+        daemon = PeerDaemon(Identity.generate(), CLUSTER_KEY, compute, name="late")
+        await nursery.start(daemon.run, "127.0.0.1", port)
+        with trio.fail_after(30):
+            await coordinator.ring.wait_peers(1)
+        assert coordinator.ring.peers[0].peer_id == daemon.peer_id
+        nursery.cancel_scope.cancel()
