@@ -115,6 +115,7 @@ async def _run_head(settings: ConsoleSettings, identity: object, key: bytes, pee
     import trio
 
     from dnet.api.app import create_app
+    from dnet.api.logs import LogBuffer
     from dnet.api.server import GRACEFUL_TIMEOUT_S, serve_api
     from dnet.head.coordinator import open_coordinator
     from dnet.identity import Identity
@@ -133,7 +134,9 @@ async def _run_head(settings: ConsoleSettings, identity: object, key: bytes, pee
             ) as coordinator,
             trio.open_nursery() as nursery,
         ):
-            app = create_app(coordinator, api_key=settings.api_key)
+            logs = LogBuffer()
+            logging.getLogger().addHandler(logs)
+            app = create_app(coordinator, api_key=settings.api_key, logs=logs)
             stop, served = trio.Event(), trio.Event()
 
             async def serve(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:

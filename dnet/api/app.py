@@ -20,6 +20,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from dnet.api.logs import LogBuffer
 from dnet.api.requests import GenerationRequest, parse_chat, parse_completion, parse_json
 from dnet.api.responses import (
     chat_chunk,
@@ -125,7 +126,9 @@ class _StreamBody:
                 await self._cleanup.aclose()
 
 
-def create_app(coordinator: Coordinator, *, api_key: str | None = None) -> QuartTrio:
+def create_app(
+    coordinator: Coordinator, *, api_key: str | None = None, logs: LogBuffer | None = None
+) -> QuartTrio:
     app = QuartTrio("dnet")
     app.config["RESPONSE_TIMEOUT"] = None  # a stream lasts as long as its generation
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
@@ -247,6 +250,15 @@ def create_app(coordinator: Coordinator, *, api_key: str | None = None) -> Quart
                 "topology": topology_json(coordinator.topology) if coordinator.topology else None,
             }
         )
+
+    @app.get("/v1/logs")
+    async def log_lines() -> Response:
+        try:
+            after = int(request.args.get("after", "0"))
+        except ValueError:
+            raise InvalidRequest("'after' must be an integer", "after") from None
+        next_seq, lines = logs.after(after) if logs is not None else (0, [])
+        return _json({"next": next_seq, "lines": lines})
 
     @app.post("/v1/chat/completions")
     async def chat() -> Response:

@@ -103,6 +103,7 @@ class PeerDaemon:
         self._predecessor_scope: trio.CancelScope | None = None
         self._meta: dict[str, _Meta] = {}
         self._recent: deque[tuple[float, int]] = deque()
+        self._step_s = 0.0  # moving average of a decode step's compute time
         self._work_send, self._work_receive = trio.open_memory_channel[
             tuple[Connection, Message, bytes]
         ](math.inf)
@@ -288,6 +289,7 @@ class PeerDaemon:
                 assert msg.prev_address and msg.prev_peer_id
                 await self._follow(msg.prev_address, msg.prev_peer_id)
             self.engine = SliceEngine(layer_slice, max_context=msg.max_context)
+            self._step_s = 0.0
             self.loaded = msg
             if not msg.is_last:
                 await self._wait_for_follower(msg.next_peer_id or "")
@@ -385,12 +387,17 @@ class PeerDaemon:
             return
         assert isinstance(message, Activation)
         tensor = HostTensor(message.dtype, message.shape, payload)
+        started = time.perf_counter()
         out = await self._compute.run(
             lambda: engine.run(
                 message.request_id, tensor, position=message.position, sample=message.sample
             )
         )
-        self._count(message.shape[1] if len(message.shape) > 1 else message.shape[0])
+        tokens = message.shape[1] if len(message.shape) > 1 else message.shape[0]
+        if tokens == 1:  # a decode step: what the solver's stage time predicts
+            took = time.perf_counter() - started
+            self._step_s = took if self._step_s == 0 else 0.8 * self._step_s + 0.2 * took
+        self._count(tokens)
         if isinstance(out, HostTensor):
             forward = Activation(
                 message.request_id, message.position, out.dtype, out.shape, message.sample
@@ -474,4 +481,5 @@ class PeerDaemon:
             tokens_per_s=self.tokens_per_s(),
             kv_bytes=stats.kv_bytes if stats else 0,
             weight_bytes=stats.weight_bytes if stats else 0,
+            decode_step_s=self._step_s,
         )

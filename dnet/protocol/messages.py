@@ -63,6 +63,7 @@ class Status:
     tokens_per_s: float
     kv_bytes: int = 0
     weight_bytes: int = 0
+    decode_step_s: float = 0.0  # moving average of one decode step's compute
 
 
 @attrs.frozen
