@@ -6,8 +6,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
 
 from dnet.config import ConsoleSettings
 from dnet.errors import DnetError
@@ -22,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
         "and serve the OpenAI API.",
     )
     p.add_argument("--headless", action="store_true", help="no dashboard: just the head and API")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="start two local peers with the tiny demo model loaded (stopped on exit)",
+    )
     p.add_argument("--connect", metavar="URL", help="attach the dashboard to a running head")
     p.add_argument("--http-host", help="API address (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, help="API port (default 8080; 0 = any free port)")
@@ -54,42 +64,108 @@ def _parser() -> argparse.ArgumentParser:
 
 def console_main(argv: list[str] | None = None) -> int:
     settings = ConsoleSettings.from_args(_parser().parse_args(argv))
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if not settings.headless:
-        print(
-            "dnet-console: the dashboard is not built yet; run with --headless",
-            file=sys.stderr,
-        )
-        return 2
-    import trio
-
-    from dnet.identity import load_cluster_key, load_identity
-
+    if settings.connect:
+        return _dashboard(settings, None)
+    if settings.demo:
+        return _demo(settings)
     try:
         peers = list(settings.peers)
         if settings.peers_file is not None:
             from dnet.discovery.static import read_peers_file
 
             peers += read_peers_file(settings.peers_file)
-        # The head's own identity, apart from a peer's that may share the state dir.
-        identity = load_identity(settings.state_dir / "head")
-        key, key_path, generated = load_cluster_key(
-            settings.state_dir, settings.cluster_key_file, settings.cluster_key
-        )
     except DnetError as exc:
         print(f"dnet-console: {exc.message}", file=sys.stderr)
         return 2
-    if generated:
-        print(
-            f"dnet-console: generated a new cluster key in {key_path}; peers need the same key "
-            "(--cluster-key-file or DNET_CLUSTER_KEY)",
-            file=sys.stderr,
-        )
+    return _local_head(settings, peers)
+
+
+def _local_head(settings: ConsoleSettings, peers: list[str], key: bytes | None = None) -> int:
+    """Run the head here: headless under ``trio.run``, else inside the dashboard."""
+    from dnet.identity import load_cluster_key, load_identity
+
+    _configure_logging(settings)
+    try:
+        # The head's own identity, apart from a peer's that may share the state dir.
+        identity = load_identity(settings.state_dir / "head")
+        if key is None:
+            key, key_path, generated = load_cluster_key(
+                settings.state_dir, settings.cluster_key_file, settings.cluster_key
+            )
+            if generated:
+                print(
+                    f"dnet-console: generated a new cluster key in {key_path}; peers need the "
+                    "same key (--cluster-key-file or DNET_CLUSTER_KEY)",
+                    file=sys.stderr,
+                )
+    except DnetError as exc:
+        print(f"dnet-console: {exc.message}", file=sys.stderr)
+        return 2
+    if not settings.headless:
+        return _dashboard(settings, partial(serve_head, settings, identity, key, peers))
+    import trio
+
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(_run_head, settings, identity, key, peers)
     return 0
+
+
+def _configure_logging(settings: ConsoleSettings) -> None:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if settings.headless:
+        logging.basicConfig(level=settings.log_level, format=fmt)
+        return
+    # Under the dashboard stderr would scribble over the screen: log to a file (and
+    # to the head's log buffer, which the Logs tab shows).
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=settings.log_level, format=fmt, filename=settings.state_dir / "console.log"
+    )
+
+
+def _dashboard(settings: ConsoleSettings, head: Any) -> int:
+    from tui.app import DnetConsole
+
+    if head is None:
+        from tui.client import HeadClient
+        from tui.source import HttpStatusSource
+
+        assert settings.connect is not None
+        app = DnetConsole(HttpStatusSource(HeadClient(settings.connect, settings.api_key)))
+    else:
+        app = DnetConsole(head=head, api_key=settings.api_key, model=settings.model or "")
+    app.run()
+    if app.return_code:
+        return app.return_code
+    return 0
+
+
+def _demo(settings: ConsoleSettings) -> int:
+    """Two local peers, the tiny demo model loaded across them, and the console."""
+    import tempfile
+
+    from dnet.config import default_cache_dir
+    from dnet.demo import open_demo, port_is_free
+
+    root = Path(tempfile.mkdtemp(prefix="dnet-demo-"))
+    if settings.http_port == 8080 and not port_is_free(settings.http_host, 8080):
+        settings = attrs.evolve(settings, http_port=0)
+    try:
+        with open_demo(root, default_cache_dir(os.environ)) as demo:
+            demo_settings = attrs.evolve(
+                settings,
+                model=settings.model or str(demo.model),
+                mdns=False,
+                state_dir=root,
+            )
+            if settings.headless:
+                print(
+                    f"dnet-console demo: peers {' '.join(demo.peers)}; files in {root}", flush=True
+                )
+            return _local_head(demo_settings, list(demo.peers), demo.cluster_key)
+    except DnetError as exc:
+        print(f"dnet-console: {exc.message}", file=sys.stderr)
+        return 2
 
 
 def _mdns_interfaces(settings: ConsoleSettings) -> list[str]:
@@ -109,9 +185,18 @@ def _mdns_interfaces(settings: ConsoleSettings) -> list[str]:
     )
 
 
-async def _run_head(settings: ConsoleSettings, identity: object, key: bytes, peers: list) -> None:
-    import signal
-
+async def serve_head(
+    settings: ConsoleSettings,
+    identity: object,
+    key: bytes,
+    peers: list[str],
+    stop: object,
+    *,
+    task_status: Any = None,
+) -> None:
+    """The head: discovery, coordinator and API, until ``stop`` (a ``trio.Event``)
+    is set; then in-flight requests get ``GRACEFUL_TIMEOUT_S`` to finish. Reports
+    the API's URL through ``task_status``. Used headless and inside the console."""
     import trio
 
     from dnet.api.app import create_app
@@ -120,9 +205,11 @@ async def _run_head(settings: ConsoleSettings, identity: object, key: bytes, pee
     from dnet.head.coordinator import open_coordinator
     from dnet.identity import Identity
 
-    assert isinstance(identity, Identity)
+    assert isinstance(identity, Identity) and isinstance(stop, trio.Event)
     interfaces = _mdns_interfaces(settings)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    logs = LogBuffer()
+    logging.getLogger().addHandler(logs)
+    try:
         async with (
             open_coordinator(
                 identity,
@@ -134,10 +221,8 @@ async def _run_head(settings: ConsoleSettings, identity: object, key: bytes, pee
             ) as coordinator,
             trio.open_nursery() as nursery,
         ):
-            logs = LogBuffer()
-            logging.getLogger().addHandler(logs)
             app = create_app(coordinator, api_key=settings.api_key, logs=logs)
-            stop, served = trio.Event(), trio.Event()
+            served = trio.Event()
 
             async def serve(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
                 try:
@@ -152,20 +237,45 @@ async def _run_head(settings: ConsoleSettings, identity: object, key: bytes, pee
                     served.set()
 
             url = await nursery.start(serve)
-            print(
-                f"dnet-console listening {url} peer-id={identity.peer_id} "
-                f"mdns={','.join(interfaces) or 'off'}",
-                flush=True,
+            log.info(
+                "head %s serving %s; mDNS on %s",
+                identity.peer_id[:12],
+                url,
+                ", ".join(interfaces) or "no interface",
             )
+            if task_status is not None:
+                task_status.started(url)
             if settings.model:
                 nursery.start_soon(partial(_load_at_start, coordinator, settings, len(peers)))
+            await stop.wait()
+            with trio.move_on_after(GRACEFUL_TIMEOUT_S + 2):
+                await served.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        logging.getLogger().removeHandler(logs)
+
+
+async def _run_head(settings: ConsoleSettings, identity: object, key: bytes, peers: list) -> None:
+    import signal
+
+    import trio
+
+    from dnet.identity import Identity
+
+    assert isinstance(identity, Identity)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            stop = trio.Event()
+            url = await nursery.start(partial(serve_head, settings, identity, key, peers, stop))
+            print(
+                f"dnet-console listening {url} peer-id={identity.peer_id} "
+                f"mdns={','.join(_mdns_interfaces(settings)) or 'off'}",
+                flush=True,
+            )
             async for signum in signals:
                 log.info("stopping on %s", signal.Signals(signum).name)
                 break
             stop.set()
-            with trio.move_on_after(GRACEFUL_TIMEOUT_S + 2):
-                await served.wait()
-            nursery.cancel_scope.cancel()
 
 
 async def _load_at_start(coordinator: object, settings: ConsoleSettings, static: int) -> None:

@@ -115,6 +115,7 @@ class ConsoleSettings:
     """Settings of ``dnet-console`` (the head, headless or with its dashboard)."""
 
     headless: bool = False
+    demo: bool = False
     connect: str | None = None  # attach the dashboard to a remote head's API
     http_host: str = "127.0.0.1"
     http_port: int = 8080
@@ -144,6 +145,7 @@ class ConsoleSettings:
         port = get("http_port")
         return cls(
             headless=bool(get("headless")),
+            demo=bool(get("demo")),
             connect=get("connect"),
             http_host=get("http_host") or env.get("DNET_HTTP_HOST") or "127.0.0.1",
             http_port=port if port is not None else int(env.get("DNET_HTTP_PORT", "8080")),

@@ -1,1 +1,1 @@
-"""The dnet console (Textual). Talks to a head over HTTP only."""
+"""The dnet console: a Textual dashboard that reads a head over its HTTP API only."""

@@ -55,6 +55,8 @@ from dnet.solver.profiles import NoFeasiblePlan
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 << 20
+STATUS_HEARTBEAT_S = 1.0
+STATUS_MIN_INTERVAL_S = 0.05
 
 # (error class, HTTP status, OpenAI error type); the first match wins.
 _STATUS: tuple[tuple[type[DnetError], int, str], ...] = (
@@ -239,16 +241,36 @@ def create_app(
     async def model_info(name: str) -> Response:
         return _json(_model_entry(coordinator.resolve_model(name)))
 
-    @app.get("/v1/status")
-    async def status() -> Response:
+    def status_body() -> dict[str, Any]:
         stats = attrs.asdict(coordinator.statistics())
         stats["load_progress"] = {k: list(v) for k, v in stats["load_progress"].items()}
-        return _json(
-            {
-                "head": stats,
-                "model": attrs.asdict(coordinator.model) if coordinator.model else None,
-                "topology": topology_json(coordinator.topology) if coordinator.topology else None,
-            }
+        return {
+            "head": stats,
+            "model": attrs.asdict(coordinator.model) if coordinator.model else None,
+            "topology": topology_json(coordinator.topology) if coordinator.topology else None,
+        }
+
+    @app.get("/v1/status")
+    async def status() -> Response:
+        return _json(status_body())
+
+    @app.get("/v1/status/stream")
+    async def status_stream() -> Response:
+        """The status as server-sent events: at once, on every change (state, load
+        progress, requests), and at least every ``STATUS_HEARTBEAT_S``."""
+
+        async def events() -> AsyncGenerator[bytes, None]:
+            while True:
+                changed = coordinator.changed
+                yield sse(status_body())
+                await trio.sleep(STATUS_MIN_INTERVAL_S)  # a burst of changes: one event
+                with trio.move_on_after(STATUS_HEARTBEAT_S):
+                    await changed.wait()  # already set if something changed meanwhile
+
+        return Response(
+            events(),
+            content_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     @app.get("/v1/logs")
@@ -368,22 +390,23 @@ async def _chat_chunks(
         )
     )
     try:
-        async for e in _rest(first, events):
-            n += 1
-            lp = chat_logprobs([e], tb) if scored(e) else None
-            if e.text or lp is not None or e.finish_reason:
-                delta = {"content": e.text} if e.text else {}
-                yield sse(
-                    chat_chunk(
-                        rid,
-                        created,
-                        model,
-                        delta,
-                        finish_reason=e.finish_reason,
-                        logprobs=lp,
-                        with_usage=req.include_usage,
+        async with aclosing(_rest(first, events)) as rest:
+            async for e in rest:
+                n += 1
+                lp = chat_logprobs([e], tb) if scored(e) else None
+                if e.text or lp is not None or e.finish_reason:
+                    delta = {"content": e.text} if e.text else {}
+                    yield sse(
+                        chat_chunk(
+                            rid,
+                            created,
+                            model,
+                            delta,
+                            finish_reason=e.finish_reason,
+                            logprobs=lp,
+                            with_usage=req.include_usage,
+                        )
                     )
-                )
     except DnetError as exc:
         yield sse(error_status(exc)[1])
         return
@@ -399,24 +422,25 @@ async def _completion_chunks(
 ) -> AsyncGenerator[bytes, None]:
     n, offset = 0, 0
     try:
-        async for e in _rest(first, events):
-            n += 1
-            lp = completion_logprobs([e], tb, offset) if scored(e) else None
-            offset += len(e.text)
-            if e.text or lp is not None or e.finish_reason:
-                yield sse(
-                    completion(
-                        rid,
-                        created,
-                        model,
-                        e.text,
-                        e.finish_reason,
-                        None,
-                        lp,
-                        stream=True,
-                        with_usage=req.include_usage,
+        async with aclosing(_rest(first, events)) as rest:
+            async for e in rest:
+                n += 1
+                lp = completion_logprobs([e], tb, offset) if scored(e) else None
+                offset += len(e.text)
+                if e.text or lp is not None or e.finish_reason:
+                    yield sse(
+                        completion(
+                            rid,
+                            created,
+                            model,
+                            e.text,
+                            e.finish_reason,
+                            None,
+                            lp,
+                            stream=True,
+                            with_usage=req.include_usage,
+                        )
                     )
-                )
     except DnetError as exc:
         yield sse(error_status(exc)[1])
         return

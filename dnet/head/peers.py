@@ -54,6 +54,7 @@ class PeerClient:
         self._seq = 0
         self.on_progress: Callable[[PeerClient, LoadProgress], None] | None = None
         self._pong_arrived_ns = 0
+        self._abandoned = 0  # replies still to come for callers that gave up
         self._reply_send, self._reply_receive = trio.open_memory_channel[Message](math.inf)
 
     def __repr__(self) -> str:
@@ -98,13 +99,23 @@ class PeerClient:
         self, make: Callable[[], Message], payload: bytes, timeout: float
     ) -> tuple[Message, Message]:
         """Send ``make()`` (built under the lock, so pings number in sending order)
-        and return it with its reply."""
+        and return it with its reply.
+
+        Replies come in order; a caller that gave up (cancelled, timed out) after
+        sending leaves its reply to come, which the next caller drops first."""
         async with self._lock:
             message = make()
             try:
                 await self.conn.send(message, payload)
-                with trio.fail_after(timeout):
-                    return message, await self._reply_receive.receive()
+                try:
+                    with trio.fail_after(timeout):
+                        while self._abandoned:
+                            await self._reply_receive.receive()
+                            self._abandoned -= 1
+                        return message, await self._reply_receive.receive()
+                except BaseException:
+                    self._abandoned += 1
+                    raise
             except (LinkClosed, trio.EndOfChannel, trio.ClosedResourceError) as exc:
                 raise PeerUnavailable(f"peer {self.label} went away") from exc
             except trio.TooSlowError:
