@@ -121,6 +121,8 @@ def _configure_logging(settings: ConsoleSettings) -> None:
     logging.basicConfig(
         level=settings.log_level, format=fmt, filename=settings.state_dir / "console.log"
     )
+    for chatty in ("httpx", "httpcore"):  # the dashboard's own polls: one line each
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _dashboard(settings: ConsoleSettings, head: Any) -> int:

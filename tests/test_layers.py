@@ -43,3 +43,17 @@ def test_runtime_init_stays_light():
     # dnet.runtime.blas must be importable before mlx.core.
     assert not imported_roots(PACKAGE / "runtime" / "__init__.py") & set(HEAVY)
     assert not imported_roots(PACKAGE / "runtime" / "blas.py") & set(HEAVY)
+
+
+def test_the_console_talks_to_the_head_over_http_only():
+    # tui/ may not reach into the head: everything it shows comes from the API.
+    tui = PACKAGE.parent / "tui"
+    for file in tui.rglob("*.py"):
+        assert not imported_roots(file) & {"dnet", "mlx", "mlx_lm", "quart", "hypercorn"}, file
+
+
+def test_only_the_entry_points_wire_the_console_in():
+    users = [
+        str(f.relative_to(PACKAGE)) for f in PACKAGE.rglob("*.py") if "tui" in imported_roots(f)
+    ]
+    assert users == ["cli_console.py"]
