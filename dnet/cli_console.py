@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (DNET_API_KEY)")
     p.add_argument(
+        "--cors-origin",
+        metavar="ORIGIN",
+        help="let browser apps from ORIGIN (or *) call the API (default: none)",
+    )
+    p.add_argument(
         "--max-concurrent", type=int, help="requests served at once; more get 429 (default 64)"
     )
     p.add_argument("--context", type=int, help="context length to place for (default 4096)")
@@ -223,7 +228,9 @@ async def serve_head(
             ) as coordinator,
             trio.open_nursery() as nursery,
         ):
-            app = create_app(coordinator, api_key=settings.api_key, logs=logs)
+            app = create_app(
+                coordinator, api_key=settings.api_key, logs=logs, cors_origin=settings.cors_origin
+            )
             served = trio.Event()
 
             async def serve(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:

@@ -128,6 +128,7 @@ class ConsoleSettings:
     cluster_key_file: Path | None = None
     cluster_key: str | None = None
     api_key: str | None = None
+    cors_origin: str | None = None
     max_concurrent: int = 64
     context: int = 4096
     wait_peers_s: float = 30.0
@@ -160,6 +161,7 @@ class ConsoleSettings:
             cluster_key_file=Path(key_file).expanduser() if key_file else None,
             cluster_key=env.get("DNET_CLUSTER_KEY") or None,
             api_key=get("api_key") or env.get("DNET_API_KEY") or None,
+            cors_origin=get("cors_origin") or env.get("DNET_CORS_ORIGIN") or None,
             max_concurrent=get("max_concurrent") or int(env.get("DNET_MAX_CONCURRENT", "64")),
             context=get("context") or int(env.get("DNET_CONTEXT", "4096")),
             wait_peers_s=float(env.get("DNET_WAIT_PEERS", "30")),

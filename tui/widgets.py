@@ -132,6 +132,9 @@ class ModelPanel(Vertical):
                 f"{model['architecture']} · {kind} · {model['num_layers']} layers · "
                 f"context {model['context']}"
             )
+        elif head.get("pending_model"):
+            text.append(f"{state} ", style="grey62")
+            text.append(str(head["pending_model"]).rsplit("/", 1)[-1] + " …", style="bold")
         else:
             text.append("no model loaded", style="italic grey62")
         self.query_one("#model-summary", Static).update(text)

@@ -129,14 +129,22 @@ class _StreamBody:
 
 
 def create_app(
-    coordinator: Coordinator, *, api_key: str | None = None, logs: LogBuffer | None = None
+    coordinator: Coordinator,
+    *,
+    api_key: str | None = None,
+    logs: LogBuffer | None = None,
+    cors_origin: str | None = None,
 ) -> QuartTrio:
+    """The app. ``cors_origin`` lets browser front-ends of that origin (or ``*``)
+    call the API; off by default, so that web pages cannot reach a local head."""
     app = QuartTrio("dnet")
     app.config["RESPONSE_TIMEOUT"] = None  # a stream lasts as long as its generation
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 
     @app.before_request
     async def check_api_key() -> Response | None:
+        if request.method == "OPTIONS" and cors_origin is not None:
+            return Response("", status=204)  # a CORS preflight carries no credentials
         if api_key is None or not request.path.startswith("/v1"):
             return None
         given = request.headers.get("Authorization", "")
@@ -150,6 +158,14 @@ def create_app(
                 401,
             )
         return None
+
+    @app.after_request
+    async def allow_origin(response: Response) -> Response:
+        if cors_origin is not None:
+            response.headers["Access-Control-Allow-Origin"] = cors_origin
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        return response
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

@@ -58,6 +58,7 @@ class HeadStatistics:
     tokens_per_s: float
     last_ttft_s: float | None
     load_progress: dict[str, tuple[int, int]]
+    pending_model: str | None = None  # being prepared or loaded
 
 
 @attrs.frozen
@@ -104,6 +105,7 @@ class Coordinator:
         self.model: LoadedModel | None = None
         self.state = "idle"
         self.load_progress: dict[str, tuple[int, int]] = {}
+        self.pending_model: str | None = None
         self._operation = trio.Lock()
         self._active = 0
         self._served = 0
@@ -165,7 +167,7 @@ class Coordinator:
         if not self.ring.peers:
             raise PeerUnavailable("no peers are connected: start dnet-peer on some machines")
         async with self._operation:
-            previous, self.state = self.state, "preparing"
+            previous, self.state, self.pending_model = self.state, "preparing", model
             self._touch()
             try:
                 topology = await prepare_topology(
@@ -175,7 +177,7 @@ class Coordinator:
                     objective=objective or self.objective,
                 )
             finally:
-                self.state = previous
+                self.state, self.pending_model = previous, None
                 self._touch()
             self.topology = topology
             return topology
@@ -194,6 +196,7 @@ class Coordinator:
             self.ring.peer(a.peer_id)  # PeerUnavailable if it left since prepare
         async with self._operation:
             self.state, self.model = "loading", None
+            self.pending_model = model or topology.model
             self.load_progress = {a.peer_id: (0, 0) for a in topology.assignments}
             self._touch()
 
@@ -205,7 +208,7 @@ class Coordinator:
             try:
                 loaded = await load_topology(self.ring, topology, progress)
             except BaseException:
-                self.state = "idle"
+                self.state, self.pending_model = "idle", None
                 self._touch()
                 raise
             from dnet.runtime.model_dir import open_model_dir
@@ -222,7 +225,7 @@ class Coordinator:
                 context=topology.context,
                 created=int(time.time()),
             )
-            self.state = "loaded"
+            self.state, self.pending_model = "loaded", None
             self._touch()
             log.info("loaded %s across %d peers", self.model.id, len(loaded))
             return {
@@ -345,6 +348,7 @@ class Coordinator:
             tokens_per_s=len(self._recent) / RATE_WINDOW_S,
             last_ttft_s=self._last_ttft,
             load_progress=dict(self.load_progress),
+            pending_model=self.pending_model,
         )
 
 

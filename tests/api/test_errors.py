@@ -29,6 +29,11 @@ def chat(cluster, **fields):
     return cluster.post("/v1/chat/completions", {k: v for k, v in body.items() if v is not None})
 
 
+def test_no_cross_origin_access_unless_asked(cluster):
+    response = httpx.get(cluster.url + "/v1/models", headers={"Origin": "http://evil.test"})
+    assert "access-control-allow-origin" not in response.headers
+
+
 def test_malformed_json_is_a_400(cluster):
     response = httpx.post(
         cluster.url + "/v1/chat/completions",
@@ -109,6 +114,8 @@ def test_api_key_over_capacity_and_a_dead_peer(tiny_model, tmp_path):
         "sesame",
         "--max-concurrent",
         "1",
+        "--cors-origin",
+        "http://localhost:3000",
         headers={"Authorization": "Bearer sesame"},
     )
     try:
@@ -122,6 +129,19 @@ def test_api_key_over_capacity_and_a_dead_peer(tiny_model, tmp_path):
             wrong.models.list()
         right = OpenAI(base_url=c.url + "/v1", api_key="sesame", max_retries=0, timeout=30)
         assert right.models.list().data[0].id == str(c.model)
+        # A browser app of the allowed origin: the preflight needs no key.
+        preflight = httpx.options(
+            c.url + "/v1/chat/completions",
+            headers={
+                "Origin": "http://localhost:3000",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
+        assert preflight.status_code == 204
+        assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert "Authorization" in preflight.headers["access-control-allow-headers"]
+        assert c.get("/v1/models").headers["access-control-allow-origin"] == "http://localhost:3000"
 
         # Over capacity: one long stream holds the only slot.
         long = {**_long_request(c), "stream": True}

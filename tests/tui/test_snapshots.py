@@ -94,7 +94,9 @@ LOADED = Snapshot(
 )
 
 LOADING = copy.deepcopy(LOADED)
-LOADING.status["head"].update(state="loading", tokens_per_s=0.0, active_requests=0)
+LOADING.status["head"].update(
+    state="loading", tokens_per_s=0.0, active_requests=0, pending_model="/models/Qwen3-8B-4bit"
+)
 LOADING.status["head"]["load_progress"] = {IDS[0]: [14, 24], IDS[1]: [3, 12]}
 LOADING.status["model"] = None
 
