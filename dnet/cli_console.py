@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-concurrent", type=int, help="requests served at once; more get 429 (default 64)"
     )
     p.add_argument("--context", type=int, help="context length to place for (default 4096)")
+    p.add_argument(
+        "--compute-dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="widen weights at load (float32: CPUs' fast path; default: as stored)",
+    )
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
     return p
 
@@ -225,6 +230,7 @@ async def serve_head(
                 mdns_interfaces=interfaces,
                 max_concurrent=settings.max_concurrent,
                 context=settings.context,
+                compute_dtype=settings.compute_dtype,
             ) as coordinator,
             trio.open_nursery() as nursery,
         ):

@@ -131,6 +131,7 @@ class ConsoleSettings:
     cors_origin: str | None = None
     max_concurrent: int = 64
     context: int = 4096
+    compute_dtype: str | None = None
     wait_peers_s: float = 30.0
     log_level: str = "INFO"
 
@@ -164,6 +165,7 @@ class ConsoleSettings:
             cors_origin=get("cors_origin") or env.get("DNET_CORS_ORIGIN") or None,
             max_concurrent=get("max_concurrent") or int(env.get("DNET_MAX_CONCURRENT", "64")),
             context=get("context") or int(env.get("DNET_CONTEXT", "4096")),
+            compute_dtype=get("compute_dtype") or env.get("DNET_COMPUTE_DTYPE") or None,
             wait_peers_s=float(env.get("DNET_WAIT_PEERS", "30")),
             log_level=(get("log_level") or env.get("DNET_LOG_LEVEL") or "INFO").upper(),
         )

@@ -101,18 +101,31 @@ def bench_runtime(args) -> dict:
         path = ensure_tiny_model(cache, spec)
         made = time.perf_counter() - t0
         model, tokenizer = load(str(path))
-        engines = load_chain(path, even_cuts(args.layers, 2))
+        engines = load_chain(path, even_cuts(args.layers, 2), args.compute_dtype)
+        widened = None
+        if args.compute_dtype:
+            # The parity reference: mlx_lm given the same widening.
+            widened, _ = load(str(path))
+            widened.set_dtype(getattr(mx, args.compute_dtype))
         prompt = [(i * 7919) % 150000 + 300 for i in range(args.prompt_tokens)]
         # Warm both sides up (first-call allocations, BLAS thread start-up).
         run_mlx_lm(model, tokenizer, prompt[:8], 2)
         run_runtime(engines, prompt[:8], 2)
-        runs = {"mlx_lm": [], "dnet": []}
+        runs: dict[str, list] = {"mlx_lm": [], "dnet": []}
+        if widened is not None:
+            run_mlx_lm(widened, tokenizer, prompt[:8], 2)
+            runs["mlx_lm_widened"] = []
         same = True
         for _ in range(args.repeats):
             ttft, dec, ref = run_mlx_lm(model, tokenizer, prompt, args.new_tokens)
             runs["mlx_lm"].append(
                 {"ttft_s": ttft, "prefill_tok_s": len(prompt) / ttft, "decode_tok_s": dec}
             )
+            if widened is not None:
+                ttft, dec, ref = run_mlx_lm(widened, tokenizer, prompt, args.new_tokens)
+                runs["mlx_lm_widened"].append(
+                    {"ttft_s": ttft, "prefill_tok_s": len(prompt) / ttft, "decode_tok_s": dec}
+                )
             ttft, dec, got = run_runtime(engines, prompt, args.new_tokens)
             runs["dnet"].append(
                 {"ttft_s": ttft, "prefill_tok_s": len(prompt) / ttft, "decode_tok_s": dec}
@@ -132,6 +145,12 @@ def bench_runtime(args) -> dict:
             "ratio_prefill": med["dnet"]["prefill_tok_s"] / med["mlx_lm"]["prefill_tok_s"],
             "greedy_tokens_identical": same,
         }
+        if widened is not None:
+            # Tokens are compared with the widened reference (same arithmetic).
+            report["results"][dtype]["compute_dtype"] = args.compute_dtype
+            report["results"][dtype]["ratio_decode_vs_widened_mlx_lm"] = (
+                med["dnet"]["decode_tok_s"] / med["mlx_lm_widened"]["decode_tok_s"]
+            )
         print(
             f"{dtype}: decode {med['dnet']['decode_tok_s']:.2f} vs {med['mlx_lm']['decode_tok_s']:.2f} tok/s "
             f"(ratio {report['results'][dtype]['ratio_decode']:.3f}); prefill "
@@ -139,7 +158,7 @@ def bench_runtime(args) -> dict:
             f"(ratio {report['results'][dtype]['ratio_prefill']:.3f})",
             file=sys.stderr,
         )
-        del model, engines
+        del model, engines, widened
         mx.clear_cache()
     return report
 
@@ -311,6 +330,11 @@ def main() -> int:
     r.add_argument("--new-tokens", type=int, default=32)
     r.add_argument("--repeats", type=int, default=2)
     r.add_argument("--layers", type=int, default=28)
+    r.add_argument(
+        "--compute-dtype",
+        choices=["float32"],
+        help="widen weights at load; adds mlx_lm widened the same way as a baseline",
+    )
     r.add_argument("--out", help="also write the JSON report here")
     g = sub.add_parser(
         "ring", help="1, 2, 3 dnet-peer processes on loopback vs mlx_lm.stream_generate"

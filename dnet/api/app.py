@@ -210,7 +210,14 @@ def create_app(
         objective = data.get("objective")
         if objective not in (None, "latency", "throughput"):
             raise InvalidRequest("'objective' must be latency or throughput", "objective")
-        topology = await coordinator.prepare(model, context=context, objective=objective)
+        compute_dtype = data.get("compute_dtype")
+        if compute_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise InvalidRequest(
+                "'compute_dtype' must be float32, float16 or bfloat16", "compute_dtype"
+            )
+        topology = await coordinator.prepare(
+            model, context=context, objective=objective, compute_dtype=compute_dtype
+        )
         return _json(topology_json(topology))
 
     @app.get("/v1/topology")

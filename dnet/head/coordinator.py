@@ -96,8 +96,10 @@ class Coordinator:
         max_concurrent: int = 64,
         context: int = 4096,
         objective: str = "latency",
+        compute_dtype: str | None = None,
     ) -> None:
         self.ring = ring
+        self.compute_dtype = compute_dtype
         self.max_concurrent = max_concurrent
         self.context = context
         self.objective = objective
@@ -157,7 +159,12 @@ class Coordinator:
         return out
 
     async def prepare(
-        self, model: str, *, context: int | None = None, objective: str | None = None
+        self,
+        model: str,
+        *,
+        context: int | None = None,
+        objective: str | None = None,
+        compute_dtype: str | None = None,
     ) -> Topology:
         """Profile peers and links, and solve the placement of ``model``.
 
@@ -175,6 +182,7 @@ class Coordinator:
                     model,
                     context=context or self.context,
                     objective=objective or self.objective,
+                    compute_dtype=compute_dtype or self.compute_dtype,
                 )
             finally:
                 self.state, self.pending_model = previous, None
@@ -219,7 +227,7 @@ class Coordinator:
                 id=model or topology.model,
                 path=str(info.path),
                 architecture=info.model_type,
-                dtype=str(info.config.get("torch_dtype", "float32")),
+                dtype=topology.compute_dtype or str(info.config.get("torch_dtype", "float32")),
                 quantization=info.config.get("quantization"),
                 num_layers=info.num_layers,
                 context=topology.context,
@@ -361,6 +369,7 @@ async def open_coordinator(
     mdns_interfaces: Sequence[str] = (),
     max_concurrent: int = 64,
     context: int = 4096,
+    compute_dtype: str | None = None,
     health_interval_s: float = 5.0,
     redial_interval_s: float = 10.0,
 ) -> AsyncIterator[Coordinator]:
@@ -370,7 +379,9 @@ async def open_coordinator(
     from dnet.discovery.static import announce_static, redial_static
 
     async with open_ring([], identity, cluster_key) as ring, trio.open_nursery() as nursery:
-        coordinator = Coordinator(ring, max_concurrent=max_concurrent, context=context)
+        coordinator = Coordinator(
+            ring, max_concurrent=max_concurrent, context=context, compute_dtype=compute_dtype
+        )
         send, receive = trio.open_memory_channel[PeerFound | PeerLost](math.inf)
         nursery.start_soon(follow_discovery, ring, receive)
         if mdns_interfaces:

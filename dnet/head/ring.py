@@ -191,6 +191,7 @@ class Ring:
         *,
         max_context: int | None = None,
         on_progress: Callable[[str, int, int], None] | None = None,
+        compute_dtype: str | None = None,
     ) -> list[Loaded]:
         """Load ``model`` across the peers named by ``plan`` (ring order; ranges must
         tile all layers). The model reference must be readable on every peer, and on
@@ -229,6 +230,7 @@ class Ring:
                 prev_peer_id=prev.peer_id if prev else None,
                 next_peer_id=nxt.peer_id if nxt else None,
                 max_context=max_context,
+                compute_dtype=compute_dtype,
             )
             try:
                 reply = await order[i].call(msg)

@@ -50,6 +50,7 @@ class Topology:
     predicted_token_latency_s: float
     predicted_tokens_per_s: float
     predicted_ttft_s: float
+    compute_dtype: str | None = None  # weights widened at load (None: as stored)
 
     def plan_entries(self) -> list[PlanEntry]:
         return [PlanEntry(a.peer_id, a.start, a.end) for a in self.assignments]
@@ -137,6 +138,7 @@ async def prepare_topology(
     context: int = 4096,
     objective: str = "latency",
     prompt_tokens: int = 512,
+    compute_dtype: str | None = None,
 ) -> Topology:
     """Profile the model, the connected peers and their links, and solve.
 
@@ -150,7 +152,7 @@ async def prepare_topology(
     from dnet.runtime.model_profile import model_profile
 
     info = await trio.to_thread.run_sync(open_model_dir, model)
-    profile = model_profile(info)
+    profile = model_profile(info, compute_dtype)
     dtype = {4: "float32", 2: "bfloat16"}.get(
         profile.activation_bytes // int(info.config["hidden_size"]), "float32"
     )
@@ -187,6 +189,7 @@ async def prepare_topology(
         predicted_token_latency_s=plan.token_latency_s,
         predicted_tokens_per_s=plan.tokens_per_s,
         predicted_ttft_s=plan.ttft_s,
+        compute_dtype=compute_dtype,
     )
 
 
@@ -206,4 +209,5 @@ async def load_topology(
         topology.plan_entries(),
         max_context=topology.context,
         on_progress=on_progress,
+        compute_dtype=topology.compute_dtype,
     )

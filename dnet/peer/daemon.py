@@ -277,7 +277,7 @@ class PeerDaemon:
                     )
 
             layer_slice = await self._compute.run(
-                load_slice, msg.model, msg.start, msg.end, progress
+                load_slice, msg.model, msg.start, msg.end, progress, msg.compute_dtype
             )
             if layer_slice.is_first != msg.is_first or layer_slice.is_last != msg.is_last:
                 raise LayerRangeError(

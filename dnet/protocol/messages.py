@@ -130,6 +130,7 @@ class LoadSlice:
     prev_peer_id: str | None = None
     next_peer_id: str | None = None
     dtype: str | None = None  # as stored, for checking; None: whatever the files hold
+    compute_dtype: str | None = None  # widen floats at load (e.g. float32 on CPUs)
     max_context: int | None = None
 
 

@@ -38,8 +38,13 @@ def even_cuts(num_layers: int, parts: int) -> list[tuple[int, int]]:
     return cuts
 
 
-def load_chain(model: ModelDir | str | Path, cuts: Sequence[tuple[int, int]]) -> list[SliceEngine]:
+def load_chain(
+    model: ModelDir | str | Path,
+    cuts: Sequence[tuple[int, int]],
+    compute_dtype: str | None = None,
+) -> list[SliceEngine]:
     """Load one engine per range; the ranges must tile ``[0, num_layers)`` in order.
+    ``compute_dtype`` widens weights at load (see ``load_slice``).
 
     Raises:
         LayerRangeError: ranges with gaps or overlaps, or not covering the model.
@@ -55,7 +60,7 @@ def load_chain(model: ModelDir | str | Path, cuts: Sequence[tuple[int, int]]) ->
         expected = end
     if expected != model.num_layers:
         raise LayerRangeError(f"slice ranges {list(cuts)} do not cover {model.num_layers} layers")
-    return [SliceEngine(load_slice(model, s, e)) for s, e in cuts]
+    return [SliceEngine(load_slice(model, s, e, compute_dtype=compute_dtype)) for s, e in cuts]
 
 
 def generate(

@@ -24,8 +24,14 @@ def _params(name: str, info: TensorInfo, bits: int | None) -> int:
     return count
 
 
-def model_profile(model: ModelDir) -> ModelProfile:
-    """The per-layer bytes, FLOPs and KV growth of ``model``, as stored."""
+def model_profile(model: ModelDir, compute_dtype: str | None = None) -> ModelProfile:
+    """The per-layer bytes, FLOPs and KV growth of ``model``, as stored, or with its
+    16-bit floats widened when it runs in ``compute_dtype="float32"``."""
+    widen = compute_dtype == "float32"
+
+    def nbytes(info: TensorInfo) -> int:
+        return info.nbytes * 2 if widen and info.dtype in ("F16", "BF16") else info.nbytes
+
     config = model.config
     n = model.num_layers
     quant = config.get("quantization") or {}
@@ -41,20 +47,20 @@ def model_profile(model: ModelDir) -> ModelProfile:
             i = int(name.split(".")[2])
             if not 0 <= i < n:
                 continue
-            layer_bytes[i] += info.nbytes
+            layer_bytes[i] += nbytes(info)
             share = active if any(tag in name for tag in _EXPERTS) else 1.0
             if len(info.shape) >= 2:
                 layer_flops[i] += 2 * _params(name, info, bits) * share
             if act_dtype is None and name.endswith("input_layernorm.weight"):
                 act_dtype = info.dtype
         elif name.startswith("model.embed_tokens."):
-            embed += info.nbytes
+            embed += nbytes(info)
         elif name.startswith("lm_head."):
-            head += info.nbytes
+            head += nbytes(info)
         elif name.startswith("model.norm."):
-            norm += info.nbytes
+            norm += nbytes(info)
     tied = head == 0
-    act_bytes = _DTYPE_BYTES.get(act_dtype or "F32", 4)
+    act_bytes = 4 if widen else _DTYPE_BYTES.get(act_dtype or "F32", 4)
     hidden = int(config["hidden_size"])
     vocab = int(config["vocab_size"])
     return ModelProfile(

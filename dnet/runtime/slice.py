@@ -212,19 +212,29 @@ def _smoke_test(owned: LayerSlice) -> None:
         ) from exc
 
 
+COMPUTE_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
 def load_slice(
     model: ModelDir | str | Path,
     start: int,
     end: int,
     progress: Callable[[int, int], None] | None = None,
+    compute_dtype: str | None = None,
 ) -> LayerSlice:
     """Build layers ``[start, end)`` of ``model``, reading only the tensors they need.
     ``progress(done, total)`` is called as the weights are read, layer by layer.
+    ``compute_dtype="float32"`` widens the floating-point weights (and quantization
+    scales) at load: CPUs run float32 far faster than bfloat16 or float16.
 
     Raises:
         ModelNotFound, InvalidModel, MissingTensor, TensorShapeMismatch,
         UnsupportedArchitecture, LayerRangeError.
     """
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        raise InvalidModel(
+            f"compute dtype {compute_dtype!r} is not one of {sorted(COMPUTE_DTYPES)}"
+        )
     if not isinstance(model, ModelDir):
         model = open_model_dir(model)
     n = model.num_layers
@@ -270,6 +280,9 @@ def load_slice(
             strict=False,
         )
         module.eval()
+        if compute_dtype is not None:
+            # Only floating-point arrays change; packed quantized weights stay.
+            module.set_dtype(COMPUTE_DTYPES[compute_dtype])
     owned = LayerSlice(
         model,
         start,

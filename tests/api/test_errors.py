@@ -99,6 +99,8 @@ def test_no_model_loaded_is_503_and_no_peers_cannot_prepare(tiny_model, tmp_path
         error = assert_openai_error(chat(c), 503)
         assert error["code"] == "model_not_loaded"
         assert_openai_error(c.post("/v1/prepare_topology", {"model": str(c.model)}), 503)
+        bad_dtype = {"model": str(c.model), "compute_dtype": "int8"}
+        assert_openai_error(c.post("/v1/prepare_topology", bad_dtype), 400, "compute_dtype")
         assert_openai_error(c.post("/v1/load_model", {}), 400, "model")
         assert_openai_error(c.get("/v1/topology"), 404)
     finally:

@@ -71,3 +71,35 @@ async def test_ring_matches_mlx_lm(tiny_model, arch, dtype, bits, moe):
             with trio.fail_after(5):  # End is queued behind work; freeing is asynchronous
                 while any(s.active_requests for s in await ring.status()):
                     await trio.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("arch", "bits", "moe"),
+    [("qwen3", None, True), ("qwen3", 4, True), ("deepseek_v2", None, True)],
+)
+async def test_float32_compute_of_a_bf16_checkpoint_matches_mlx_lm_in_float32(
+    tiny_model, arch, bits, moe
+):
+    # The CPU fast path: widen at load. mlx_lm, given the same widening, is the
+    # reference; a bf16 MoE (which MLX's CPU cannot run) runs this way too.
+    path = tiny_model(arch=arch, dtype="bfloat16", quantize=bits, moe=moe)
+    prompt = chat(path)
+    model, _ = load(str(path))
+    model.set_dtype(mx.float32)
+    expected = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=N)]
+    async with (
+        open_peers(2) as peers,
+        open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring,
+    ):
+        loaded = await ring.load(str(path), plan_for(ring, CUTS[2]), compute_dtype="float32")
+        got = [e.token_id for e in await collect(ring, prompt)]
+        assert got == expected
+        # Widened weights take more memory than stored: twice, for bf16 floats.
+        stored = sum(i.nbytes for i in _tensors(path))
+        assert sum(r.weight_bytes for r in loaded) > stored
+
+
+def _tensors(path):
+    from dnet.runtime.model_dir import open_model_dir
+
+    return open_model_dir(path).tensors.values()

@@ -48,3 +48,18 @@ def test_moe_flops_count_only_active_experts(tiny_model):
     assert moe.layer_flops[1] == expected
     # ...while it stores every expert.
     assert moe.layer_bytes[1] > 2 * dense.layer_bytes[1]
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_profile_counts_widened_bytes_for_float32_compute(tiny_model, bits):
+    import mlx.core as mx
+
+    info = open_model_dir(tiny_model(arch="qwen3", dtype="bfloat16", quantize=bits))
+    profile = model_profile(info, "float32")
+    costs = _Costs(profile, context=0)
+    for start, end in [(0, 1), (1, 3), (3, 4), (0, 4)]:
+        widened = load_slice(info, start, end, compute_dtype="float32")
+        assert costs.memory(start, end) == widened.weight_bytes
+        assert widened.activation_dtype == mx.float32
+    assert profile.activation_bytes == int(info.config["hidden_size"]) * 4
+    assert profile.weight_bytes > model_profile(info).weight_bytes
