@@ -4,6 +4,13 @@
     scripts/bench.py runtime [--dtypes float32 bfloat16] [--prompt-tokens 128]
                              [--new-tokens 32] [--repeats 2] [--layers 28]
     scripts/bench.py ring [--peers 1 2 3] [--dtype float32] [--prompt-tokens 512]
+    scripts/bench.py throughput [--concurrency 1 2 4 8] [--dtype float32]
+
+``throughput``: 1, 2, 4 and 8 concurrent streams on a 2-peer loopback ring:
+aggregate tokens/s, per-stream decode tokens/s, time to first token p50/p90, as
+ratios against one stream, single-process ``mlx_lm`` and ``mlx_lm``'s
+``batch_generate`` measured in the same run; and mlx_lm's decode against the memory
+bandwidth limit (weight bytes read per token over the measured bandwidth).
 
 ``ring``: 1, 2 and 3 ``dnet-peer`` processes on loopback against single-process
 ``mlx_lm.stream_generate`` (measured before and after the rings; the mean is the
@@ -314,6 +321,136 @@ def bench_ring(args) -> dict:
     return report
 
 
+async def _throughput_run(procs, path, cuts, prompts, n, concurrency) -> dict:
+    from contextlib import aclosing
+
+    import trio
+
+    from dnet.head.ring import PlanEntry, open_ring
+    from dnet.identity import Identity
+
+    key = bytes.fromhex(os.environ["DNET_BENCH_KEY"])
+    out: dict = {}
+    async with open_ring([a for _, a, _ in procs], Identity.generate(), key) as ring:
+        await ring.load(
+            str(path),
+            [PlanEntry(pid, s, e) for (_, _, pid), (s, e) in zip(procs, cuts, strict=True)],
+        )
+
+        async def stream(prompt, record):
+            start = time.perf_counter()
+            first, count = None, 0
+            async with aclosing(ring.generate(prompt, max_tokens=n, stop=())) as events:
+                async for _ in events:
+                    count += 1
+                    first = first or time.perf_counter()
+            end = time.perf_counter()
+            record.append(
+                {
+                    "ttft_s": first - start,
+                    "tokens": count,
+                    "end": end,
+                    "decode_tok_s": (count - 1) / (end - first) if count > 1 else 0.0,
+                }
+            )
+
+        async with aclosing(ring.generate(prompts[0][:8], max_tokens=2)) as warm:
+            async for _ in warm:
+                pass
+        for c in concurrency:
+            record: list[dict] = []
+            started = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for i in range(c):
+                    nursery.start_soon(stream, prompts[i % len(prompts)], record)
+            wall = max(r["end"] for r in record) - started
+            ttfts = [r["ttft_s"] for r in record]
+            out[str(c)] = {
+                "aggregate_tok_s": sum(r["tokens"] for r in record) / wall,
+                "per_stream_decode_tok_s": statistics.mean(r["decode_tok_s"] for r in record),
+                "ttft_p50_s": _pct(ttfts, 0.5),
+                "ttft_p90_s": _pct(ttfts, 0.9),
+                "wall_s": wall,
+            }
+            print(f"  {c} streams: {json.dumps(out[str(c)])}", file=sys.stderr)
+    return out
+
+
+def bench_throughput(args) -> dict:
+    """Concurrent streams on a 2-peer loopback ring against single-process mlx_lm
+    (one stream, and mlx_lm's own batch_generate), and decode against the memory
+    bandwidth limit (weight bytes read per token over the measured bandwidth)."""
+    import secrets
+    import tempfile
+
+    import trio
+    from mlx_lm.generate import batch_generate
+
+    from dnet.runtime.device_profile import measure
+
+    cache = default_cache_dir(os.environ) / "models"
+    path = ensure_tiny_model(cache, TinySpec(layers=args.layers, dtype=args.dtype, **QWEN3_0_6B))
+    prompts = [
+        [(i * 7919 + j * 104729) % 150000 + 300 for i in range(args.prompt_tokens)]
+        for j in range(max(args.concurrency))
+    ]
+    model, tokenizer = load(str(path))
+    run_mlx_lm(model, tokenizer, prompts[0][:8], 2)
+    ttft, single, _ = run_mlx_lm(model, tokenizer, prompts[0], args.new_tokens)
+    batched = {}
+    for c in args.concurrency:
+        t0 = time.perf_counter()
+        response = batch_generate(
+            model, tokenizer, prompts[:c], max_tokens=args.new_tokens, return_token_ids=True
+        )
+        wall = time.perf_counter() - t0
+        tokens = sum(len(t) for t in response.token_ids)
+        batched[str(c)] = {"aggregate_tok_s": tokens / wall, "wall_s": wall}
+    weight_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    del model
+    mx.clear_cache()
+    bandwidth = measure(args.dtype, QWEN3_0_6B["hidden"]).bandwidth_bytes_s
+    limit = bandwidth / weight_bytes
+    key = secrets.token_hex(32)
+    os.environ["DNET_BENCH_KEY"] = key
+    with tempfile.TemporaryDirectory() as tmp:
+        key_file = Path(tmp) / "cluster.key"
+        key_file.write_text(key)
+        procs = _start_peers(2, key_file, Path(tmp))
+        try:
+            ring = trio.run(
+                _throughput_run,
+                procs,
+                path,
+                even_cuts(args.layers, 2),
+                prompts,
+                args.new_tokens,
+                args.concurrency,
+            )
+        finally:
+            _stop_peers(procs)
+    one = ring[str(args.concurrency[0])]["aggregate_tok_s"]
+    for c, r in ring.items():
+        r["ratio_vs_one_stream"] = r["aggregate_tok_s"] / one
+        r["ratio_vs_mlx_lm_single"] = r["aggregate_tok_s"] / single
+        r["ratio_vs_mlx_lm_batch"] = r["aggregate_tok_s"] / batched[c]["aggregate_tok_s"]
+    return {
+        "mode": "throughput",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "blas": loaded_blas() or "bundled reference BLAS",
+        "model": str(path),
+        "dtype": args.dtype,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "mlx_lm": {"single_decode_tok_s": single, "single_ttft_s": ttft, "batch": batched},
+        "bandwidth_bytes_s": bandwidth,
+        "weight_bytes": weight_bytes,
+        "bandwidth_limit_tok_s": limit,
+        "mlx_lm_single_vs_limit": single / limit,
+        "ring_2_peers": ring,
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -346,8 +483,17 @@ def main() -> int:
     g.add_argument("--pings", type=int, default=500)
     g.add_argument("--layers", type=int, default=28)
     g.add_argument("--out", help="also write the JSON report here")
+    t = sub.add_parser("throughput", help="concurrent streams on a 2-peer ring vs mlx_lm")
+    t.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8])
+    t.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    t.add_argument("--prompt-tokens", type=int, default=64)
+    t.add_argument("--new-tokens", type=int, default=24)
+    t.add_argument("--layers", type=int, default=28)
+    t.add_argument("--out", help="also write the JSON report here")
     args = p.parse_args()
-    report = bench_runtime(args) if args.mode == "runtime" else bench_ring(args)
+    report = {"runtime": bench_runtime, "ring": bench_ring, "throughput": bench_throughput}[
+        args.mode
+    ](args)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
