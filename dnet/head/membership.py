@@ -9,6 +9,7 @@ import trio
 
 from dnet.discovery import PeerFound, PeerLost
 from dnet.errors import DnetError
+from dnet.head.peers import PeerClient
 from dnet.head.ring import Ring
 
 log = logging.getLogger(__name__)
@@ -17,25 +18,13 @@ log = logging.getLogger(__name__)
 async def follow_discovery(
     ring: Ring, events: trio.MemoryReceiveChannel[PeerFound | PeerLost]
 ) -> None:
-    """Run until ``events`` closes or the task is cancelled. An address that keeps
-    failing is logged as a warning once, then quietly until it works."""
+    """Run until ``events`` closes or the task is cancelled. Peers are dialled
+    side by side, so one that hangs delays no other. An address that keeps failing
+    is logged as a warning once, then quietly until it works."""
     failing: set[str] = set()
-    async for event in events:
-        if isinstance(event, PeerLost):
-            log.info("peer %s left (%s goodbye)", event.peer_id[:12], event.source)
-            continue
-        # The same peer again: nothing to do. The same id at another address is
-        # tried, so that a clone is caught by the handshake and reported.
-        if any(p.address == event.address and p.alive for p in ring.peers):
-            continue
-        log.log(
-            logging.DEBUG if event.address in failing else logging.INFO,
-            "found %s (%s) at %s via %s",
-            event.name or "peer",
-            (event.peer_id or "?")[:12],
-            event.address,
-            event.source,
-        )
+    dialling: set[tuple[str, str | None]] = set()  # (address, claimed id)
+
+    async def add(event: PeerFound) -> None:
         try:
             await ring.connect(event.address, event.peer_id)
         except DnetError as exc:
@@ -44,16 +33,47 @@ async def follow_discovery(
             failing.add(event.address)
         else:
             failing.discard(event.address)
+        finally:
+            dialling.discard((event.address, event.peer_id))
+
+    async with trio.open_nursery() as nursery:
+        async for event in events:
+            if isinstance(event, PeerLost):
+                log.info("peer %s left (%s goodbye)", event.peer_id[:12], event.source)
+                continue
+            # The same peer again: nothing to do. The same id at another address is
+            # tried, so that a clone is caught by the handshake and reported.
+            if (event.address, event.peer_id) in dialling or any(
+                p.address == event.address and p.alive for p in ring.peers
+            ):
+                continue
+            log.log(
+                logging.DEBUG if event.address in failing else logging.INFO,
+                "found %s (%s) at %s via %s",
+                event.name or "peer",
+                (event.peer_id or "?")[:12],
+                event.address,
+                event.source,
+            )
+            dialling.add((event.address, event.peer_id))
+            nursery.start_soon(add, event)
 
 
 async def serve_health_checks(ring: Ring, interval_s: float = 5.0, timeout_s: float = 5.0) -> None:
-    """Ping every peer each ``interval_s``; a peer that does not answer within
-    ``timeout_s`` is disconnected (its sessions fail, it leaves ``ring.peers``)."""
+    """Ping every peer each ``interval_s``, all at once; a peer that does not
+    answer within ``timeout_s`` is disconnected (its sessions fail, it leaves
+    ``ring.peers``). A ping waits behind a control call in flight on its connection
+    (a long load), so a busy peer is never taken for a dead one."""
+
+    async def check(peer: PeerClient) -> None:
+        try:
+            await peer.ping(timeout=timeout_s)
+        except DnetError as exc:
+            log.warning("peer %s failed its health check: %s", peer.label, exc.message)
+            await peer.conn.aclose()
+
     while True:
         await trio.sleep(interval_s)
-        for peer in list(ring.peers):
-            try:
-                await peer.ping(timeout=timeout_s)
-            except DnetError as exc:
-                log.warning("peer %s failed its health check: %s", peer.label, exc.message)
-                await peer.conn.aclose()
+        async with trio.open_nursery() as nursery:
+            for peer in list(ring.peers):
+                nursery.start_soon(check, peer)

@@ -87,3 +87,25 @@ async def test_a_static_peer_that_starts_late_is_joined(autojump_clock):
             await coordinator.ring.wait_peers(1)
         assert coordinator.ring.peers[0].peer_id == daemon.peer_id
         nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_hangs_does_not_delay_the_others():
+    async def tarpit(stream):  # accepts, then never answers the WebSocket upgrade
+        await trio.sleep_forever()
+
+    async with (
+        open_peers(1) as peers,
+        open_ring([], Identity.generate(), CLUSTER_KEY) as ring,
+        trio.open_nursery() as nursery,
+    ):
+        listeners = await nursery.start(trio.serve_tcp, tarpit, 0)
+        port = listeners[0].socket.getsockname()[1]
+        send, receive = trio.open_memory_channel(10)
+        nursery.start_soon(follow_discovery, ring, receive)
+        ((address, daemon),) = peers
+        await send.send(PeerFound(f"ws://127.0.0.1:{port}/dnet/1", None, "tarpit", "memory"))
+        await send.send(PeerFound(address, daemon.peer_id, "p0", "memory"))
+        with trio.fail_after(3):  # dialling the tarpit alone takes 10 s to give up
+            await ring.wait_peers(1)
+        assert ring.peers[0].peer_id == daemon.peer_id
+        nursery.cancel_scope.cancel()
