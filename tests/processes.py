@@ -15,7 +15,8 @@ LINE = re.compile(r"dnet-peer listening (ws://\S+) peer-id=(\S+)")
 CONSOLE_LINE = re.compile(r"dnet-console listening (http://\S+) peer-id=(\S+)")
 
 
-def _stop(proc: subprocess.Popen) -> int:
+def stop_process(proc: subprocess.Popen) -> int:
+    """SIGTERM, then SIGKILL after 10 s; closes its pipes; the exit code."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -67,7 +68,7 @@ class PeerProcess:
         self.proc.wait(10)
 
     def stop(self) -> int:
-        return _stop(self.proc)
+        return stop_process(self.proc)
 
 
 class ConsoleProcess:
@@ -99,4 +100,4 @@ class ConsoleProcess:
         return self.log_path.read_text()
 
     def stop(self) -> int:
-        return _stop(self.proc)
+        return stop_process(self.proc)

@@ -10,7 +10,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import AsyncExitStack, aclosing
 from typing import Any
 
@@ -290,11 +290,7 @@ def create_app(
                 with trio.move_on_after(STATUS_HEARTBEAT_S):
                     await changed.wait()  # already set if something changed meanwhile
 
-        return Response(
-            events(),
-            content_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return _sse_response(events())
 
     @app.get("/v1/logs")
     async def log_lines() -> Response:
@@ -371,16 +367,15 @@ async def _generate(coordinator: Coordinator, req: GenerationRequest, *, chat: b
         # The first token before any byte is sent: an early failure gets its status.
         first = await events.__anext__()
         if req.stream:
-            chunks = _chat_chunks if chat else _completion_chunks
-            stream = _StreamBody(
-                chunks(req, rid, created, model.id, first, events, len(prompt), tb, scored),
-                cleanup.pop_all(),
-            )
-            return Response(
-                stream,
-                content_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            if chat:
+                chunks = _chat_stream(req, rid, created, model.id, len(prompt), tb, scored)
+            else:
+                prefix = tokenizer.decode(prompt) if req.echo else ""
+                chunks = _completion_stream(
+                    req, rid, created, model.id, len(prompt), tb, scored, prefix
+                )
+            body = _sse_chunks(first, events, **chunks)
+            return _sse_response(_StreamBody(body, cleanup.pop_all()))
         got = [first]
         if first.finish_reason is None:
             got.extend([e async for e in events])
@@ -403,70 +398,99 @@ async def _rest(first: GenerationEvent, events: Any) -> AsyncGenerator[Generatio
             yield e
 
 
-async def _chat_chunks(
-    req, rid, created, model, first, events, prompt_tokens, tb, scored
+async def _sse_chunks(
+    first: GenerationEvent,
+    events: Any,
+    *,
+    opening: dict[str, Any] | None,
+    chunk: Callable[[GenerationEvent], dict[str, Any] | None],
+    closing: Callable[[int], dict[str, Any]] | None,
 ) -> AsyncGenerator[bytes, None]:
+    """The stream of either endpoint: an ``opening`` chunk, ``chunk(event)`` for each
+    event that has something to say, ``closing(tokens)`` (usage), then ``[DONE]``;
+    a failure mid-stream is an error event and the end."""
     n = 0
-    yield sse(
-        chat_chunk(
-            rid, created, model, {"role": "assistant", "content": ""}, with_usage=req.include_usage
-        )
+    if opening is not None:
+        yield sse(opening)
+    try:
+        async with aclosing(_rest(first, events)) as rest:
+            async for e in rest:
+                n += 1
+                body = chunk(e)
+                if body is not None:
+                    yield sse(body)
+    except DnetError as exc:
+        yield sse(error_status(exc)[1])
+        return
+    if closing is not None:
+        yield sse(closing(n))
+    yield sse("[DONE]")
+
+
+def _sse_response(body: Any) -> Response:
+    return Response(
+        body,
+        content_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
-    try:
-        async with aclosing(_rest(first, events)) as rest:
-            async for e in rest:
-                n += 1
-                lp = chat_logprobs([e], tb) if scored(e) else None
-                if e.text or lp is not None or e.finish_reason:
-                    delta = {"content": e.text} if e.text else {}
-                    yield sse(
-                        chat_chunk(
-                            rid,
-                            created,
-                            model,
-                            delta,
-                            finish_reason=e.finish_reason,
-                            logprobs=lp,
-                            with_usage=req.include_usage,
-                        )
-                    )
-    except DnetError as exc:
-        yield sse(error_status(exc)[1])
-        return
-    if req.include_usage:
-        yield sse(
-            usage_chunk(rid, created, model, "chat.completion.chunk", usage(prompt_tokens, n))
+
+
+def _chat_stream(req, rid, created, model, prompt_tokens, tb, scored) -> dict[str, Any]:
+    def chunk(e: GenerationEvent) -> dict[str, Any] | None:
+        lp = chat_logprobs([e], tb) if scored(e) else None
+        if not (e.text or lp is not None or e.finish_reason):
+            return None
+        delta = {"content": e.text} if e.text else {}
+        return chat_chunk(
+            rid,
+            created,
+            model,
+            delta,
+            finish_reason=e.finish_reason,
+            logprobs=lp,
+            with_usage=req.include_usage,
         )
-    yield sse("[DONE]")
+
+    def closing(n: int) -> dict[str, Any]:
+        return usage_chunk(rid, created, model, "chat.completion.chunk", usage(prompt_tokens, n))
+
+    opening = chat_chunk(
+        rid, created, model, {"role": "assistant", "content": ""}, with_usage=req.include_usage
+    )
+    return {"opening": opening, "chunk": chunk, "closing": closing if req.include_usage else None}
 
 
-async def _completion_chunks(
-    req, rid, created, model, first, events, prompt_tokens, tb, scored
-) -> AsyncGenerator[bytes, None]:
-    n, offset = 0, 0
-    try:
-        async with aclosing(_rest(first, events)) as rest:
-            async for e in rest:
-                n += 1
-                lp = completion_logprobs([e], tb, offset) if scored(e) else None
-                offset += len(e.text)
-                if e.text or lp is not None or e.finish_reason:
-                    yield sse(
-                        completion(
-                            rid,
-                            created,
-                            model,
-                            e.text,
-                            e.finish_reason,
-                            None,
-                            lp,
-                            stream=True,
-                            with_usage=req.include_usage,
-                        )
-                    )
-    except DnetError as exc:
-        yield sse(error_status(exc)[1])
-        return
-    if req.include_usage:
-        yield sse(usage_chunk(rid, created, model, "text_completion", usage(prompt_tokens, n)))
-    yield sse("[DONE]")
+def _completion_stream(
+    req, rid, created, model, prompt_tokens, tb, scored, prefix: str
+) -> dict[str, Any]:
+    offset = len(prefix)
+
+    def piece(text: str, finish: str | None, lp: dict[str, Any] | None) -> dict[str, Any]:
+        return completion(
+            rid,
+            created,
+            model,
+            text,
+            finish,
+            None,
+            lp,
+            stream=True,
+            with_usage=req.include_usage,
+        )
+
+    def chunk(e: GenerationEvent) -> dict[str, Any] | None:
+        nonlocal offset
+        lp = completion_logprobs([e], tb, offset) if scored(e) else None
+        offset += len(e.text)
+        if not (e.text or lp is not None or e.finish_reason):
+            return None
+        return piece(e.text, e.finish_reason, lp)
+
+    def closing(n: int) -> dict[str, Any]:
+        return usage_chunk(rid, created, model, "text_completion", usage(prompt_tokens, n))
+
+    return {
+        "opening": piece(prefix, None, None) if prefix else None,  # echo
+        "chunk": chunk,
+        "closing": closing if req.include_usage else None,
+    }

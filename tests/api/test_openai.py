@@ -105,6 +105,15 @@ def test_completions_greedy_equals_mlx_lm_plain_and_streamed(cluster):
         model=str(cluster.model), prompt=prompt, max_tokens=16, temperature=0, echo=True
     )
     assert echoed.choices[0].text == prompt + expected
+    echoed_stream = c.completions.create(
+        model=str(cluster.model),
+        prompt=prompt,
+        max_tokens=16,
+        temperature=0,
+        echo=True,
+        stream=True,
+    )
+    assert "".join(ch.choices[0].text for ch in echoed_stream) == prompt + expected
 
 
 def test_chat_logprobs_in_openai_shape(cluster):

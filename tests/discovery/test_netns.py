@@ -20,6 +20,8 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
+from ..processes import stop_process
+
 ROOT = Path(__file__).resolve().parents[2]
 SUBNET = "10.77.{}.{}"
 
@@ -161,13 +163,4 @@ def test_three_hosts_discover_each_other_and_generate(lan, tiny_model, tmp_path)
         assert result["tokens"] == expected[: len(result["tokens"])]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(10)
-            for stream in (p.stdout, p.stderr):
-                if stream:
-                    stream.close()
+            stop_process(p)
