@@ -24,6 +24,7 @@ from dnet.protocol.messages import (
     Pong,
     Status,
     StatusRequest,
+    StepTokens,
     Token,
 )
 from dnet.transport.connection import Connection
@@ -66,7 +67,7 @@ class PeerClient:
 
     async def serve(
         self,
-        on_request_message: Callable[[Token | Error], None],
+        on_request_message: Callable[[Token | StepTokens | Error], None],
         on_closed: Callable[[PeerClient, str], None],
     ) -> None:
         """Read the connection until it closes; runs as a task of the ring."""
@@ -74,7 +75,7 @@ class PeerClient:
         try:
             while True:
                 message, _ = await self.conn.receive()
-                if isinstance(message, Token) or (
+                if isinstance(message, Token | StepTokens) or (
                     isinstance(message, Error) and message.request_id
                 ):
                     on_request_message(message)

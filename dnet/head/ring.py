@@ -1,13 +1,17 @@
 """``Ring``: the peers of a loaded model in ring order, and generation sessions.
 
 A session sends ``StartRequest`` and the prompt's token ids (chunked) to the first
-peer; activations travel peer to peer; the last peer's tokens come back here, are
-detokenized and checked for stops, and each token goes to the first peer again.
+peer; activations travel peer to peer; the last peer's first token comes back here.
+From then on the request is a member of a decode lane (``dnet.head.lanes``): one
+dispatcher task sends each lane's members as one batched ``Step`` and, as soon as
+its tokens are back, the next one. Each session detokenizes and checks stops for
+its own tokens alone, off that path.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import uuid
@@ -20,6 +24,7 @@ import numpy as np
 import trio
 
 from dnet.errors import DnetError, LayerRangeError, ModelNotLoaded, PeerError, PeerUnavailable
+from dnet.head.lanes import Lanes, StepPlan
 from dnet.head.peers import PeerClient
 from dnet.head.stops import StopMatcher
 from dnet.identity import Identity, verify_signature
@@ -31,6 +36,8 @@ from dnet.protocol.messages import (
     LoadSlice,
     StartRequest,
     Status,
+    Step,
+    StepTokens,
     Token,
     Unload,
 )
@@ -72,6 +79,17 @@ class _Failure:
     error: DnetError
 
 
+@attrs.define(eq=False)
+class _Session:
+    channel: trio.MemorySendChannel[Token | Error | _Failure]
+    prompt_tokens: int
+
+
+def machines(addresses: Sequence[str]) -> int:
+    """How many distinct hosts ``host:port`` addresses name."""
+    return len({a.rsplit(":", 1)[0].strip("[]") for a in addresses})
+
+
 def _ids_payload(ids: Sequence[int]) -> bytes:
     return np.asarray(ids, dtype="<i4").tobytes()
 
@@ -86,7 +104,12 @@ class Ring:
     """Connected peers; after ``load``, the ring of a model. Use ``open_ring``."""
 
     def __init__(
-        self, nursery: trio.Nursery, identity: Identity, cluster_key: bytes, name: str
+        self,
+        nursery: trio.Nursery,
+        identity: Identity,
+        cluster_key: bytes,
+        name: str,
+        decode_lanes: int | None = None,
     ) -> None:
         self._nursery = nursery
         self._identity = identity
@@ -100,9 +123,13 @@ class Ring:
         self.model: str | None = None
         self.tokenizer: Any = None
         self.max_context: int | None = None
-        self._sessions: dict[str, trio.MemorySendChannel[Token | Error | _Failure]] = {}
+        self._sessions: dict[str, _Session] = {}
         self.closing = False
         self._membership = trio.Event()
+        self.decode_lanes = decode_lanes  # None: one per machine of the ring
+        self._step_ids = itertools.count()
+        self.lanes = Lanes(1, self._step_ids)
+        self._wakeup = trio.Event()
 
     def _membership_changed(self) -> None:
         self._membership.set()
@@ -159,19 +186,64 @@ class Ring:
 
     # -- peer events (called from the PeerClient tasks) --------------------------
 
-    def _on_request_message(self, message: Token | Error) -> None:
-        channel = self._sessions.get(message.request_id or "")
-        if channel is not None:
-            channel.send_nowait(message)
+    def _on_request_message(self, message: Token | StepTokens | Error) -> None:
+        if isinstance(message, StepTokens):
+            rows = []
+            for token in message.tokens:
+                session = self._sessions.get(token.request_id)
+                if session is not None:
+                    session.channel.send_nowait(token)
+                    rows.append((token.request_id, token.token_id, bool(token.finish_reason)))
+            for rid in self.lanes.finished(message.step, rows):
+                self._fail(rid, PeerError(f"the ring dropped request {rid} from a step"))
+            self._wakeup.set()
+            return
+        rid = message.request_id or ""
+        session = self._sessions.get(rid)
+        if session is None:
+            return
+        session.channel.send_nowait(message)
+        if isinstance(message, Error):
+            self.lanes.leave(rid)
+            self._wakeup.set()
+        elif message.finish_reason is None and rid not in self.lanes:
+            # The prompt's token: from now on the request steps with its lane.
+            self.lanes.join(rid, session.prompt_tokens, message.token_id)
+            self._wakeup.set()
+
+    def _fail(self, rid: str, error: DnetError) -> None:
+        session = self._sessions.get(rid)
+        if session is not None:
+            session.channel.send_nowait(_Failure(error))
+        self.lanes.leave(rid)
 
     def _on_closed(self, peer: PeerClient, why: str) -> None:
         if self.closing:
             return
         log.warning("peer %s left: it %s", peer.label, why)
         if peer in self.order:
-            failure = _Failure(PeerUnavailable(f"peer {peer.label} {why}"))
-            for channel in list(self._sessions.values()):
-                channel.send_nowait(failure)
+            for rid in list(self._sessions):
+                self._fail(rid, PeerUnavailable(f"peer {peer.label} {why}"))
+
+    async def _dispatch(self) -> None:
+        """Send every lane's next step as soon as it is ready; runs for the ring's
+        life."""
+        while True:
+            self._wakeup = trio.Event()
+            for plan in self.lanes.ready():
+                await self._send_step(plan)
+            await self._wakeup.wait()
+
+    async def _send_step(self, plan: StepPlan) -> None:
+        rows = len(plan.request_ids)
+        step = Step(plan.step, plan.request_ids, plan.positions, "int32", (rows, 1))
+        try:
+            if not self.order:
+                raise ModelNotLoaded("the model was unloaded")
+            await self.order[0].send(step, _ids_payload(plan.tokens))
+        except DnetError as exc:
+            for rid in plan.request_ids:
+                self._fail(rid, exc)
 
     def peer(self, peer_id: str) -> PeerClient:
         for p in self.peers:
@@ -256,6 +328,8 @@ class Ring:
             lambda: load_tokenizer(info.path, eos_token_ids=info.config.get("eos_token_id"))
         )
         self.order, self.model, self.max_context = order, str(info.path), max_context
+        lanes = self.decode_lanes or machines([p.address for p in order])
+        self.lanes = Lanes(lanes, self._step_ids)
         return [r for r in results if r is not None]
 
     async def unload(self) -> None:
@@ -301,7 +375,7 @@ class Ring:
         first = order[0]
         rid = uuid.uuid4().hex
         send, receive = trio.open_memory_channel[Token | Error | _Failure](math.inf)
-        self._sessions[rid] = send
+        self._sessions[rid] = _Session(send, len(prompt))
         try:
             dead = [p for p in order if not p.alive]
             if dead:
@@ -325,7 +399,6 @@ class Ring:
             detok = copy.copy(tokenizer.detokenizer)
             detok.reset()
             stops = StopMatcher(stop)
-            position = len(prompt)
             while True:
                 with trio.move_on_after(token_timeout) as waited:
                     message = await receive.receive()
@@ -366,13 +439,10 @@ class Ring:
                 )
                 if finish is not None:
                     return
-                await first.send(
-                    Activation(rid, position, "int32", (1, 1), sample=True),
-                    _ids_payload([message.token_id]),
-                )
-                position += 1
         finally:
             self._sessions.pop(rid, None)
+            self.lanes.leave(rid)
+            self._wakeup.set()
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 for p in order:
                     if p.alive:
@@ -388,6 +458,7 @@ async def open_ring(
     *,
     expected_peer_ids: Sequence[str | None] | None = None,
     name: str = "head",
+    decode_lanes: int | None = None,
 ) -> AsyncIterator[Ring]:
     """Connect (and authenticate) to every address (more may join later through
     ``Ring.connect``); closes all on exit.
@@ -397,7 +468,8 @@ async def open_ring(
     """
     expected = list(expected_peer_ids or [None] * len(addresses))
     async with trio.open_nursery() as nursery:
-        ring = Ring(nursery, identity, cluster_key, name)
+        ring = Ring(nursery, identity, cluster_key, name, decode_lanes)
+        nursery.start_soon(ring._dispatch)
         try:
             for address, peer_id in zip(addresses, expected, strict=True):
                 await ring.connect(address, peer_id)

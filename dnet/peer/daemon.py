@@ -3,7 +3,8 @@ thread, forwards results to its successor and tokens to its controller (the head
 connection that loaded it).
 
 Tasks, all in one nursery: the listener (one handler task per connection), the
-worker (the FIFO of request work), the sender (the FIFO of outgoing messages), the
+worker (request work in ``WorkQueue`` order: decode steps, batched, take turns with
+prefill chunks), the sender (the FIFO of outgoing messages), the
 successor link, and the idle-request reaper.
 """
 
@@ -13,7 +14,7 @@ import logging
 import math
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,15 @@ import attrs
 import psutil
 import trio
 
-from dnet.errors import DnetError, LayerRangeError, ModelNotLoaded, PeerUnavailable
+from dnet.errors import (
+    DnetError,
+    LayerRangeError,
+    ModelNotLoaded,
+    PeerUnavailable,
+    UnknownRequest,
+)
 from dnet.identity import Identity, verify_signature
+from dnet.peer.work import WorkQueue
 from dnet.protocol.codec import ProtocolError
 from dnet.protocol.messages import (
     Activation,
@@ -44,6 +52,8 @@ from dnet.protocol.messages import (
     StartRequest,
     Status,
     StatusRequest,
+    Step,
+    StepTokens,
     Token,
     Unload,
     Unloaded,
@@ -51,7 +61,7 @@ from dnet.protocol.messages import (
 from dnet.runtime.arrays import DTYPES
 from dnet.runtime.compute import ComputeThread
 from dnet.runtime.device_profile import DeviceRates, cached_rates, measure, measure_disk, memory
-from dnet.runtime.engine import SliceEngine
+from dnet.runtime.engine import SliceEngine, StepResult
 from dnet.runtime.slice import load_slice
 from dnet.sampling import SampledToken
 from dnet.tensor import HostTensor
@@ -62,7 +72,7 @@ log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 10.0
 FOLLOW_TIMEOUT_S = 120.0  # the next peer may still be reading its weights
-REQUEST_WORK = (StartRequest, Activation, EndRequest, Cancel)
+REQUEST_WORK = (StartRequest, Activation, Step, EndRequest, Cancel)
 
 
 @attrs.define
@@ -104,9 +114,9 @@ class PeerDaemon:
         self._meta: dict[str, _Meta] = {}
         self._recent: deque[tuple[float, int]] = deque()
         self._step_s = 0.0  # moving average of a decode step's compute time
-        self._work_send, self._work_receive = trio.open_memory_channel[
-            tuple[Connection, Message, bytes]
-        ](math.inf)
+        self._step_rows = 0.0  # moving average of the requests in a decode step
+        self.step_sizes: Counter[int] = Counter()  # decode steps run, by rows
+        self._queue = WorkQueue()
         self._out_send, self._out_receive = trio.open_memory_channel[tuple[str, Message, bytes]](
             math.inf
         )
@@ -147,7 +157,7 @@ class PeerDaemon:
                     await conn.fail(exc)
                     return
                 if isinstance(message, REQUEST_WORK):
-                    self._work_send.send_nowait((conn, message, payload))
+                    self._queue.put(message, payload)
                     continue
                 if isinstance(message, Ping):
                     try:
@@ -289,7 +299,7 @@ class PeerDaemon:
                 assert msg.prev_address and msg.prev_peer_id
                 await self._follow(msg.prev_address, msg.prev_peer_id)
             self.engine = SliceEngine(layer_slice, max_context=msg.max_context)
-            self._step_s = 0.0
+            self._step_s = self._step_rows = 0.0
             self.loaded = msg
             if not msg.is_last:
                 await self._wait_for_follower(msg.next_peer_id or "")
@@ -351,15 +361,59 @@ class PeerDaemon:
     # -- request work ---------------------------------------------------------------
 
     async def _worker(self) -> None:
-        async for _conn, message, payload in self._work_receive:
+        while True:
+            message, payload = await self._queue.get()
+            if isinstance(message, Step):
+                await self._step(message, payload)
+                continue
             rid = str(getattr(message, "request_id", ""))
             try:
                 await self._work(message, payload)
             except DnetError as exc:
-                self._meta.pop(rid, None)
-                self._out_send.send_nowait(
-                    ("controller", Error(exc.code, exc.message, rid, self.peer_id), b"")
+                self._fail(rid, exc)
+
+    def _fail(self, rid: str, exc: DnetError) -> None:
+        self._meta.pop(rid, None)
+        self._out_send.send_nowait(
+            ("controller", Error(exc.code, exc.message, rid, self.peer_id), b"")
+        )
+
+    async def _step(self, message: Step, payload: bytes) -> None:
+        """Run a decode step's rows as one batch and pass the survivors on. The step
+        always travels to the end, empty if need be, so the head learns it is over."""
+        engine = self.engine
+        result = StepResult((), (), None)
+        if engine is None:
+            for rid in message.request_ids:
+                self._fail(rid, ModelNotLoaded("no model is loaded on this peer"))
+        elif message.request_ids:
+            tensor = HostTensor(message.dtype, message.shape, payload)
+            started = time.perf_counter()
+            try:
+                result = await self._compute.run(
+                    engine.step, message.request_ids, message.positions, tensor
                 )
+            except DnetError as exc:
+                for rid in message.request_ids:
+                    self._fail(rid, exc)
+            self._measure_step(time.perf_counter() - started, len(result.request_ids))
+            for rid, why in result.dropped:
+                if not isinstance(why, UnknownRequest):  # unknown: ended while on its way
+                    self._fail(rid, why)
+        out = result.output
+        if isinstance(out, tuple):
+            tokens = tuple(
+                self._token(rid, t) for rid, t in zip(result.request_ids, out, strict=True)
+            )
+            self._out_send.send_nowait(("controller", StepTokens(message.step, tokens), b""))
+        elif engine is not None and engine.slice.is_last:
+            self._out_send.send_nowait(("controller", StepTokens(message.step, ()), b""))
+        elif out is None:
+            empty = Step(message.step, (), (), "int32", (0, 1))
+            self._out_send.send_nowait(("next", empty, b""))
+        else:
+            forward = Step(message.step, result.request_ids, result.positions, out.dtype, out.shape)
+            self._out_send.send_nowait(("next", forward, out.data))
 
     async def _work(self, message: Message, payload: bytes) -> None:
         engine = self.engine
@@ -395,9 +449,9 @@ class PeerDaemon:
         )
         tokens = message.shape[1] if len(message.shape) > 1 else message.shape[0]
         if tokens == 1:  # a decode step: what the solver's stage time predicts
-            took = time.perf_counter() - started
-            self._step_s = took if self._step_s == 0 else 0.8 * self._step_s + 0.2 * took
-        self._count(tokens)
+            self._measure_step(time.perf_counter() - started, 1)
+        else:
+            self._count(tokens)
         if isinstance(out, HostTensor):
             forward = Activation(
                 message.request_id, message.position, out.dtype, out.shape, message.sample
@@ -405,6 +459,15 @@ class PeerDaemon:
             self._out_send.send_nowait(("next", forward, out.data))
         elif isinstance(out, SampledToken):
             self._out_send.send_nowait(("controller", self._token(message.request_id, out), b""))
+
+    def _measure_step(self, took: float, rows: int) -> None:
+        if rows == 0:
+            return
+        self.step_sizes[rows] += 1
+        first = self._step_s == 0
+        self._step_s = took if first else 0.8 * self._step_s + 0.2 * took
+        self._step_rows = rows if first else 0.8 * self._step_rows + 0.2 * rows
+        self._count(rows)
 
     def _token(self, rid: str, token: SampledToken) -> Token:
         meta = self._meta.get(rid)
@@ -421,15 +484,18 @@ class PeerDaemon:
     async def _sender(self) -> None:
         async for target, message, payload in self._out_receive:
             conn = self._successor if target == "next" else self.controller
-            rid = getattr(message, "request_id", None)
+            rids: tuple[str, ...] = ()
+            if target == "next":
+                rid = getattr(message, "request_id", None)
+                rids = message.request_ids if isinstance(message, Step) else (rid,) if rid else ()
             if conn is None:
-                if target == "next" and rid is not None:
+                for rid in rids:
                     self._report(rid, "the next peer is not connected")
                 continue
             try:
                 await conn.send(message, payload)
             except LinkClosed:
-                if target == "next" and rid is not None:
+                for rid in rids:
                     self._report(
                         rid,
                         f"the next peer {conn.remote_name} ({conn.remote_peer_id[:12]}) is gone",
@@ -482,4 +548,5 @@ class PeerDaemon:
             kv_bytes=stats.kv_bytes if stats else 0,
             weight_bytes=stats.weight_bytes if stats else 0,
             decode_step_s=self._step_s,
+            step_rows=self._step_rows,
         )

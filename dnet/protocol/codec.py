@@ -16,11 +16,12 @@ import cattrs
 from cattrs.strategies import configure_tagged_union
 
 from dnet.errors import DnetError
-from dnet.protocol.messages import MESSAGE_TYPES, Activation, Message, Ping, Pong
+from dnet.protocol.messages import MESSAGE_TYPES, Activation, Message, Ping, Pong, Step
 from dnet.tensor import ITEMSIZE
 
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 1 << 30
+MAX_STEP_ROWS = 4096
 # Besides activations, only link probes carry (opaque) payload bytes.
 PAYLOAD_TYPES = (Ping, Pong)
 _LEN = struct.Struct("<I")
@@ -71,7 +72,7 @@ def encode(message: Message, payload: bytes = b"") -> bytes:
     Raises:
         ProtocolError: an activation whose payload does not match its shape.
     """
-    if isinstance(message, Activation):
+    if isinstance(message, Activation | Step):
         _check_tensor(message, len(payload))
     elif payload and not isinstance(message, PAYLOAD_TYPES):
         raise ProtocolError(f"{type(message).__name__} carries no payload")
@@ -115,7 +116,7 @@ def decode(frame: bytes | bytearray | memoryview) -> tuple[Message, bytes]:
     except DnetError as exc:  # a value's own validation (e.g. SamplingParams ranges)
         raise ProtocolError(f"invalid {cls.__name__} header: {exc.message}") from None
     payload = data[4 + size :]
-    if isinstance(message, Activation):
+    if isinstance(message, Activation | Step):
         _check_tensor(message, len(payload))
     elif payload and not isinstance(message, PAYLOAD_TYPES):
         raise ProtocolError(f"{cls.__name__} carries no payload, got {len(payload)} bytes")
@@ -128,13 +129,26 @@ def _describe(exc: BaseException) -> str:
     return str(exc)
 
 
-def _check_tensor(message: Activation, payload_len: int) -> None:
+def _check_tensor(message: Activation | Step, payload_len: int) -> None:
+    if isinstance(message, Step):
+        rows = len(message.request_ids)
+        if rows > MAX_STEP_ROWS or len(message.positions) != rows:
+            raise ProtocolError(
+                f"step of {rows} request ids and {len(message.positions)} positions "
+                f"(at most {MAX_STEP_ROWS}, one position each)"
+            )
+        if len(set(message.request_ids)) != rows or any(p < 0 for p in message.positions):
+            raise ProtocolError("step has a repeated request id or a negative position")
+        if not message.shape or message.shape[0] != rows:
+            raise ProtocolError(f"step shape {message.shape!r} does not have {rows} rows")
+    elif message.position < 0:
+        raise ProtocolError("activation has a negative position")
     if message.dtype not in ITEMSIZE:
         raise ProtocolError(f"activation dtype {message.dtype!r} is not one of {sorted(ITEMSIZE)}")
     if not message.shape or any(not isinstance(d, int) or d < 0 for d in message.shape):
         raise ProtocolError(f"activation shape {message.shape!r} is not a list of sizes")
-    if len(message.shape) > 4 or message.position < 0:
-        raise ProtocolError("activation shape has too many dimensions or a negative position")
+    if len(message.shape) > 4:
+        raise ProtocolError("activation shape has too many dimensions")
     expected = math.prod(message.shape) * ITEMSIZE[message.dtype]
     if expected > MAX_PAYLOAD_BYTES or expected != payload_len:
         raise ProtocolError(

@@ -64,6 +64,7 @@ class Status:
     kv_bytes: int = 0
     weight_bytes: int = 0
     decode_step_s: float = 0.0  # moving average of one decode step's compute
+    step_rows: float = 0.0  # moving average of the requests batched in a decode step
 
 
 @attrs.frozen
@@ -193,6 +194,24 @@ class Activation:
 
 
 @attrs.frozen
+class Step:
+    """One decode position for each of several requests, run as one batch.
+
+    Row ``i`` continues ``request_ids[i]`` at ``positions[i]``: token ids
+    (int32, ``[rows, 1]``) into the first slice, hidden states ``[rows, 1, hidden]``
+    between slices. A peer drops rows it cannot run (an ended request, with an
+    ``Error`` to its controller when it is not simply gone) and passes the rest on;
+    the last slice answers ``StepTokens`` even when no row is left, so the head
+    always learns that the step is over."""
+
+    step: int
+    request_ids: tuple[str, ...]
+    positions: tuple[int, ...]
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@attrs.frozen
 class Token:
     request_id: str
     token_id: int
@@ -200,6 +219,14 @@ class Token:
     top_logprobs: tuple[tuple[int, float], ...] = ()
     finish_reason: str | None = None  # "stop" (a stop token) | "length" | None
     index: int = 0  # 0 for the first generated token
+
+
+@attrs.frozen
+class StepTokens:
+    """The last slice's answer to ``Step``: one token per surviving row."""
+
+    step: int
+    tokens: tuple[Token, ...]
 
 
 @attrs.frozen
@@ -254,7 +281,9 @@ Message = (
     | Unloaded
     | StartRequest
     | Activation
+    | Step
     | Token
+    | StepTokens
     | EndRequest
     | Cancel
     | Ping

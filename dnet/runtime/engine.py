@@ -1,5 +1,11 @@
 """A slice plus the per-request state around it: KV caches, positions, samplers.
 
+Requests run alone (``run``: prefill chunks, single steps) or together (``step``:
+one decode position for each of several requests, as one batch through the slice).
+A request that takes part in batched steps keeps its caches as a row of a shared
+``BatchKVCache`` (mlx_lm's, left-padded); rows join and leave as the head's batch
+changes, and a request run alone again gets its own caches back.
+
 ``SliceEngine`` is synchronous and not thread-safe: call it only from the process's
 compute thread (``dnet.runtime.compute``). Inputs and outputs are ``HostTensor``s or
 plain ints, so nothing outside the runtime touches MLX.
@@ -9,15 +15,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from dnet.errors import (
     ComputeFailed,
     ContextOverflow,
+    DnetError,
     DuplicateRequest,
     InvalidActivation,
     PositionMismatch,
@@ -30,20 +38,46 @@ from dnet.sampling import SampledToken, SamplingParams
 from dnet.tensor import HostTensor
 
 
-@attrs.define
-class _Request:
-    cache: list[KVCache]
-    max_context: int
-    sampler: RequestSampler | None
-    last_used: float
+class _Batch:
+    """Requests whose caches are rows of one ``BatchKVCache`` per layer."""
 
-    @property
-    def position(self) -> int:
-        return self.cache[0].offset
+    def __init__(self, rids: list[str], cache: list[BatchKVCache]) -> None:
+        self.rids = rids
+        self.cache = cache
 
     @property
     def kv_bytes(self) -> int:
         return sum(c.nbytes for c in self.cache)
+
+
+@attrs.define(eq=False)
+class _Request:
+    rid: str
+    cache: list[KVCache] | None  # None while the request is a row of ``batch``
+    max_context: int
+    sampler: RequestSampler | None
+    last_used: float
+    position: int = 0
+    batch: _Batch | None = None
+
+    @property
+    def kv_bytes(self) -> int:
+        if self.batch is not None:
+            return self.batch.kv_bytes // max(len(self.batch.rids), 1)
+        assert self.cache is not None
+        return sum(c.nbytes for c in self.cache)
+
+
+@attrs.frozen
+class StepResult:
+    """What ``SliceEngine.step`` made of a batch: the rows that ran (in order), their
+    outputs (activations for the next slice, or one token per row on the last
+    slice), and the rows dropped, with why."""
+
+    request_ids: tuple[str, ...]
+    positions: tuple[int, ...]
+    output: HostTensor | tuple[SampledToken, ...] | None
+    dropped: tuple[tuple[str, DnetError], ...] = ()
 
 
 @attrs.frozen
@@ -77,6 +111,7 @@ class SliceEngine:
         )
         self._requests: dict[str, _Request] = {}
         self._tokens_processed = 0
+        self.batching = layer_slice.batching
 
     # -- request lifecycle -------------------------------------------------------
 
@@ -103,13 +138,20 @@ class SliceEngine:
             else None
         )
         self._requests[request_id] = _Request(
-            self.slice.make_cache(), limit, sampler, self._clock()
+            request_id, self.slice.make_cache(), limit, sampler, self._clock()
         )
 
     def end(self, request_id: str) -> None:
         """Free a request's caches. Ending an unknown request is a no-op (end and
-        cancel may race)."""
-        self._requests.pop(request_id, None)
+        cancel may race). A batched request's row is dropped at the next step of
+        its batch (one copy for all the rows that left)."""
+        req = self._requests.pop(request_id, None)
+        if (
+            req is not None
+            and req.batch is not None
+            and not any(r in self._requests for r in req.batch.rids)
+        ):
+            req.batch.cache.clear()
 
     def trim(self, request_id: str, n: int) -> int:
         """Drop the last ``n`` positions of a request's caches; returns how many
@@ -118,10 +160,12 @@ class SliceEngine:
         Raises:
             UnknownRequest
         """
-        req = self._get(request_id)
+        req = self._solo(self._get(request_id))
+        assert req.cache is not None
         dropped = min(n, req.position)
         for c in req.cache:
             c.trim(dropped)
+        req.position -= dropped
         if req.sampler is not None:
             req.sampler.forget(dropped)
         return dropped
@@ -139,7 +183,7 @@ class SliceEngine:
         now = self._clock() if now is None else now
         stale = [rid for rid, r in self._requests.items() if now - r.last_used > max_idle_s]
         for rid in stale:
-            del self._requests[rid]
+            self.end(rid)
         return stale
 
     def request_ids(self) -> list[str]:
@@ -149,7 +193,10 @@ class SliceEngine:
         if request_id is not None:
             return self._get(request_id).kv_bytes
         # list() copies in one step under the GIL: safe against the compute thread.
-        return sum(r.kv_bytes for r in list(self._requests.values()))
+        requests = list(self._requests.values())
+        batches = {id(r.batch): r.batch for r in requests if r.batch is not None}
+        solo = sum(r.kv_bytes for r in requests if r.batch is None)
+        return solo + sum(b.kv_bytes for b in batches.values())
 
     def statistics(self) -> EngineStatistics:
         return EngineStatistics(
@@ -216,7 +263,8 @@ class SliceEngine:
         Raises:
             UnknownRequest, InvalidActivation, PositionMismatch, ContextOverflow
         """
-        req = self._get(request_id)
+        req = self._solo(self._get(request_id))
+        assert req.cache is not None
         x = self._as_input(inputs)
         n = x.shape[1]
         if position is not None and position != req.position:
@@ -232,6 +280,7 @@ class SliceEngine:
         self._tokens_processed += n
         try:
             out = self.slice(x, req.cache)
+            req.position += n
             if not self.slice.is_last:
                 mx.eval(out, [c.state for c in req.cache])
                 return to_host(out)
@@ -242,6 +291,7 @@ class SliceEngine:
             assert req.sampler is not None
             return req.sampler.sample(out)
         except (RuntimeError, ValueError) as exc:
+            self.end(request_id)  # its caches may hold half a step
             raise ComputeFailed(
                 f"request {request_id!r} failed in layers "
                 f"{self.slice.start}..{self.slice.end}: {exc}"
@@ -256,9 +306,161 @@ class SliceEngine:
         """
         if not self.slice.is_last:
             raise InvalidActivation("logits come only from the last slice")
-        req = self._get(request_id)
+        req = self._solo(self._get(request_id))
+        assert req.cache is not None
         x = self._as_input(inputs)
         if req.position + x.shape[1] > req.max_context:
             raise ContextOverflow(f"request {request_id!r} would pass {req.max_context} positions")
         out = self.slice(x, req.cache)
+        req.position += x.shape[1]
         return to_host(out.astype(DTYPES["float32"]))
+
+    # -- batched decode steps ------------------------------------------------------
+
+    def step(
+        self, request_ids: Sequence[str], positions: Sequence[int], inputs: HostTensor
+    ) -> StepResult:
+        """Run one position of each request in ``request_ids`` as one batch: row
+        ``i`` of ``inputs`` (token ids ``[rows, 1]`` on the first slice, else hidden
+        states ``[rows, 1, hidden]``) continues ``request_ids[i]`` at
+        ``positions[i]``. Rows that cannot run (unknown request, wrong position, no
+        room left) are dropped, not fatal to the others.
+
+        Raises:
+            InvalidActivation: ``inputs`` do not fit the slice or the row count.
+            ComputeFailed: the batch failed; its requests are freed.
+        """
+        rows = len(request_ids)
+        if len(positions) != rows or len(set(request_ids)) != rows:
+            raise InvalidActivation("a step needs one position per distinct request id")
+        x = self._as_batch_input(inputs, rows)
+        keep: list[int] = []
+        dropped: list[tuple[str, DnetError]] = []
+        for i, (rid, pos) in enumerate(zip(request_ids, positions, strict=True)):
+            req = self._requests.get(rid)
+            if req is None:
+                dropped.append((rid, UnknownRequest(f"request {rid!r} is not running here")))
+            elif pos != req.position:
+                dropped.append(
+                    (rid, PositionMismatch(f"request {rid!r} is at {req.position}, not {pos}"))
+                )
+            elif req.position + 1 > req.max_context:
+                dropped.append(
+                    (rid, ContextOverflow(f"request {rid!r} reached its {req.max_context} limit"))
+                )
+            else:
+                keep.append(i)
+        rids = [request_ids[i] for i in keep]
+        kept_positions = tuple(positions[i] for i in keep)
+        if not rids:
+            return StepResult((), (), None, tuple(dropped))
+        if len(keep) < rows:
+            x = x[mx.array(keep)]
+        reqs = [self._requests[r] for r in rids]
+        now = self._clock()
+        for req in reqs:
+            req.last_used = now
+        self._tokens_processed += len(rids)
+        try:
+            if len(reqs) == 1 or not self.batching:
+                caches: list[Any] = [self._solo(r).cache for r in reqs]
+                outs = [self.slice(x[i : i + 1], c) for i, c in enumerate(caches)]
+                out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+                state = [c.state for cache in caches for c in cache]
+            else:
+                cache = self._assemble(reqs).cache
+                out = self.slice(x, cache)
+                state = [(c.keys, c.values, c.offset) for c in cache]
+            for req in reqs:
+                req.position += 1
+            mx.eval(out, state)
+            if not self.slice.is_last:
+                return StepResult(tuple(rids), kept_positions, to_host(out), tuple(dropped))
+            tokens = []
+            for i, req in enumerate(reqs):
+                assert req.sampler is not None
+                tokens.append(req.sampler.sample(out[i : i + 1]))
+            return StepResult(tuple(rids), kept_positions, tuple(tokens), tuple(dropped))
+        except (RuntimeError, ValueError) as exc:
+            for rid in rids:
+                self.end(rid)
+            raise ComputeFailed(
+                f"a step of {len(rids)} request(s) failed in layers "
+                f"{self.slice.start}..{self.slice.end}: {exc}"
+            ) from exc
+
+    def _as_batch_input(self, inputs: HostTensor, rows: int) -> mx.array:
+        if self.slice.is_first:
+            if inputs.dtype != "int32" or len(inputs.shape) != 2:
+                raise InvalidActivation(
+                    f"the first slice takes int32 token ids [rows, 1], got "
+                    f"{inputs.dtype} {inputs.shape}"
+                )
+            self._token_ids(np.frombuffer(inputs.data, dtype="<i4"))
+        x = from_host(inputs)
+        if x.shape[0] != rows or (x.ndim > 1 and x.shape[1] != 1):
+            raise InvalidActivation(
+                f"a step of {rows} request(s) takes [{rows}, 1, ...] inputs, got {tuple(x.shape)}"
+            )
+        self.slice.check_input(x)
+        return x
+
+    def _solo(self, req: _Request) -> _Request:
+        """Give ``req`` its own caches again if it is a row of a batch."""
+        batch = req.batch
+        if batch is None:
+            return req
+        row = batch.rids.index(req.rid)
+        req.cache = [c.extract(row) for c in batch.cache]
+        req.batch = None
+        self._filter(batch, [r for r in batch.rids if r != req.rid])
+        return req
+
+    def _filter(self, batch: _Batch, rids: list[str]) -> None:
+        """Keep only ``rids`` (a subsequence of the batch's rows) in ``batch``."""
+        if rids == batch.rids:
+            return
+        rows = [batch.rids.index(r) for r in rids]
+        batch.rids = rids
+        if not rids:
+            batch.cache.clear()
+            return
+        index = mx.array(rows)
+        for c in batch.cache:
+            c.filter(index)
+
+    def _assemble(self, reqs: list[_Request]) -> _Batch:
+        """The batch whose rows are exactly ``reqs``, in order. The common cases (the
+        same rows as last step; rows left; rows joined at the end) reuse the batch
+        already there; anything else rebuilds it."""
+        rids = [r.rid for r in reqs]
+        base = reqs[0].batch
+        if base is not None and base.rids == rids:
+            return base
+        wanted = set(rids)
+        if base is not None:
+            kept = [r for r in base.rids if r in wanted]
+            if kept != rids[: len(kept)]:
+                base = None
+            else:
+                for rid in base.rids:
+                    if rid not in wanted and rid in self._requests:
+                        self._solo(self._requests[rid])  # still running, in another batch
+                self._filter(base, kept)
+        joining = reqs[len(base.rids) :] if base is not None else reqs
+        if base is not None and not joining:
+            return base
+        caches = [self._solo(r).cache for r in joining]
+        merged = [
+            BatchKVCache.merge([c[layer] for c in caches])  # type: ignore[index]
+            for layer in range(self.slice.num_layers)
+        ]
+        if base is None:
+            base = _Batch([], merged)
+        else:
+            for mine, theirs in zip(base.cache, merged, strict=True):
+                mine.extend(theirs)
+        base.rids.extend(r.rid for r in joining)
+        for r in joining:
+            r.cache, r.batch = None, base
+        return base

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlx_lm.utils import infer_quant_config
 
 from dnet.errors import (
@@ -63,6 +63,7 @@ class LayerSlice:
         self.hidden_size = int(model.config["hidden_size"])
         self.vocab_size = int(model.config["vocab_size"])
         self.activation_dtype = self._activation_dtype()
+        self.batching = True  # decode steps of several requests as one batch; see load_slice
         self.weight_bytes = sum(p.nbytes for _, p in tree_flatten(self.parameters()))
 
     @property
@@ -199,17 +200,27 @@ def _validate(expected: dict[str, mx.array], weights: dict[str, mx.array], where
 def _smoke_test(owned: LayerSlice) -> None:
     # One position through a throwaway cache: a slice this device cannot run fails
     # here, at load, and not on a user's first request.
-    if owned.is_first:
-        x = mx.zeros((1, 1), dtype=mx.int32)
-    else:
-        x = mx.zeros((1, 1, owned.hidden_size), dtype=owned.activation_dtype)
+    def zeros(rows: int) -> mx.array:
+        if owned.is_first:
+            return mx.zeros((rows, 1), dtype=mx.int32)
+        return mx.zeros((rows, 1, owned.hidden_size), dtype=owned.activation_dtype)
+
     try:
-        mx.eval(owned(x, owned.make_cache()))
+        mx.eval(owned(zeros(1), owned.make_cache()))
     except (RuntimeError, ValueError) as exc:
         raise BackendUnsupported(
             f"{owned.model.name} layers [{owned.start}, {owned.end}) cannot run on "
             f"{mx.default_device()}: {exc}"
         ) from exc
+    # Two rows of different lengths through mlx_lm's batch caches: an architecture
+    # whose attention cannot take per-row offsets runs its steps row by row instead.
+    try:
+        cache = [BatchKVCache([1, 0]) for _ in owned.layers]
+        mx.eval(owned(mx.concatenate([zeros(2)] * 2, axis=1), cache))
+        mx.eval(owned(zeros(2), cache))
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        owned.batching = False
+        log.info("%s runs decode steps one request at a time: %s", owned.model.name, exc)
 
 
 COMPUTE_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}

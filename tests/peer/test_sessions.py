@@ -70,9 +70,53 @@ async def test_four_concurrent_requests_match_their_solo_runs(tiny_model):
                 nursery.start_soon(one, i)
         assert seen_interleaved.is_set(), "the four requests never ran at the same time"
         assert [together[i] for i in range(4)] == alone
+        # They ran as batches: every peer saw decode steps of several requests.
+        assert all(max(d.step_sizes) >= 3 for _, d in peers), [d.step_sizes for _, d in peers]
         with trio.fail_after(5):  # End is queued behind work; freeing is asynchronous
             while any(s.active_requests for s in await ring.status()):
                 await trio.sleep(0.02)
+
+
+async def test_a_long_prompt_does_not_freeze_running_streams(tiny_model):
+    """While a long prompt is prefilled in chunks, the running streams keep getting
+    tokens: each peer lets a decode step in between any two chunks."""
+    path = tiny_model(arch="qwen3")
+    long_prompt = [(7 * i) % 400 + 5 for i in range(96)]
+    async with (
+        open_peers(2) as peers,
+        open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring,
+    ):
+        await ring.load(str(path), plan(ring, [(0, 2), (2, 4)]))
+        alone = [e.token_id for e in await collect(ring, long_prompt, 4, prefill_chunk=4)]
+        started, first_token = trio.Event(), trio.Event()
+        during = [0, 0, 0]
+
+        async def stream(i):
+            async with aclosing(ring.generate([3 + i, 9, 27], max_tokens=400)) as events:
+                async for _ in events:
+                    if started.is_set() and not first_token.is_set():
+                        during[i] += 1
+                    if first_token.is_set():
+                        return
+
+        async def long():
+            await trio.sleep(0.2)
+            started.set()
+            tokens = []
+            async with aclosing(ring.generate(long_prompt, max_tokens=4, prefill_chunk=4)) as ev:
+                async for e in ev:
+                    first_token.set()
+                    tokens.append(e.token_id)
+            assert tokens == alone
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(stream, i)
+                nursery.start_soon(long)
+        # 24 chunks went through each peer, and a waiting step never waited for more
+        # than one of them; in arrival order the streams would have got 1 or 2 tokens.
+        assert min(during) >= 6, during
 
 
 async def test_leaving_early_frees_kv_on_every_peer(tiny_model):

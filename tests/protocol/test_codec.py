@@ -13,7 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dnet.protocol.codec import ProtocolError, decode, encode
-from dnet.protocol.messages import MESSAGE_TYPES, Activation, Cancel, StartRequest, Status, Token
+from dnet.protocol.messages import (
+    MESSAGE_TYPES,
+    Activation,
+    Cancel,
+    StartRequest,
+    Status,
+    Step,
+    StepTokens,
+    Token,
+)
 from dnet.sampling import SamplingParams
 
 ints = st.integers(min_value=-(2**40), max_value=2**40)
@@ -55,6 +64,21 @@ def _messages():
             index=ints,
         ),
     }
+    custom[Step] = st.integers(0, 4).flatmap(
+        lambda rows: st.builds(
+            Step,
+            step=ints,
+            request_ids=st.lists(texts, min_size=rows, max_size=rows, unique=True).map(tuple),
+            positions=st.lists(st.integers(0, 2**40), min_size=rows, max_size=rows).map(tuple),
+            dtype=st.sampled_from(["float32", "float16", "bfloat16", "int32"]),
+            shape=st.lists(st.integers(0, 6), min_size=0, max_size=2).map(
+                lambda rest: (rows, *rest)
+            ),
+        )
+    )
+    custom[StepTokens] = st.builds(
+        StepTokens, step=ints, tokens=st.lists(custom[Token], max_size=3).map(tuple)
+    )
     custom[StartRequest] = st.builds(
         StartRequest,
         request_id=texts,
@@ -76,7 +100,7 @@ def _messages():
 
 
 def _payload(message):
-    if isinstance(message, Activation):
+    if isinstance(message, Activation | Step):
         size = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4}[message.dtype]
         return bytes(math.prod(message.shape) * size)
     return b""
@@ -135,6 +159,11 @@ def _frame(header: dict, payload: bytes = b"") -> bytes:
     return struct.pack("<I", len(raw)) + raw + payload
 
 
+def _step(**fields):
+    base = {"type": "Step", "step": 1, "request_ids": ["a", "b"], "positions": [3, 4]}
+    return {**base, "dtype": "int32", "shape": [2, 1], **fields}
+
+
 @pytest.mark.parametrize(
     ("header", "payload", "match"),
     [
@@ -191,6 +220,12 @@ def _frame(header: dict, payload: bytes = b"") -> bytes:
             b"",
             "payload",
         ),
+        (_step(positions=[3]), bytes(8), "one position each"),
+        (_step(request_ids=["a", "a"]), bytes(8), "repeated"),
+        (_step(positions=[3, -1]), bytes(8), "negative"),
+        (_step(shape=[3, 1]), bytes(12), "rows"),
+        (_step(), bytes(4), "payload"),
+        ({"type": "StepTokens", "step": 1, "tokens": [{"request_id": "r"}]}, b"", "token_id"),
     ],
 )
 def test_bad_headers_are_named(header, payload, match):
