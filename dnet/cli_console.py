@@ -20,6 +20,13 @@ from dnet.errors import DnetError
 log = logging.getLogger("dnet.cli")
 
 
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dnet-console",
@@ -67,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
         "--compute-dtype",
         choices=["float32", "float16", "bfloat16"],
         help="widen weights at load (float32: CPUs' fast path; default: as stored)",
+    )
+    p.add_argument(
+        "--decode-lanes",
+        type=_at_least_one,
+        metavar="N",
+        help="batches of running requests kept in flight around the ring "
+        "(default: one per machine of the ring)",
     )
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
     return p
@@ -231,6 +245,7 @@ async def serve_head(
                 max_concurrent=settings.max_concurrent,
                 context=settings.context,
                 compute_dtype=settings.compute_dtype,
+                decode_lanes=settings.decode_lanes,
             ) as coordinator,
             trio.open_nursery() as nursery,
         ):

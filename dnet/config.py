@@ -132,6 +132,7 @@ class ConsoleSettings:
     max_concurrent: int = 64
     context: int = 4096
     compute_dtype: str | None = None
+    decode_lanes: int | None = None  # None: one per machine of the ring
     wait_peers_s: float = 30.0
     log_level: str = "INFO"
 
@@ -166,6 +167,7 @@ class ConsoleSettings:
             max_concurrent=get("max_concurrent") or int(env.get("DNET_MAX_CONCURRENT", "64")),
             context=get("context") or int(env.get("DNET_CONTEXT", "4096")),
             compute_dtype=get("compute_dtype") or env.get("DNET_COMPUTE_DTYPE") or None,
+            decode_lanes=get("decode_lanes") or int(env.get("DNET_DECODE_LANES", "0")) or None,
             wait_peers_s=float(env.get("DNET_WAIT_PEERS", "30")),
             log_level=(get("log_level") or env.get("DNET_LOG_LEVEL") or "INFO").upper(),
         )

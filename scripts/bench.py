@@ -5,12 +5,21 @@
                              [--new-tokens 32] [--repeats 2] [--layers 28]
     scripts/bench.py ring [--peers 1 2 3] [--dtype float32] [--prompt-tokens 512]
     scripts/bench.py throughput [--concurrency 1 2 4 8] [--dtype float32]
+    scripts/bench.py stall [--streams 3] [--long-prompt 1024] [--chunk 256]
 
 ``throughput``: 1, 2, 4 and 8 concurrent streams on a 2-peer loopback ring:
 aggregate tokens/s, per-stream decode tokens/s, time to first token p50/p90, as
 ratios against one stream, single-process ``mlx_lm`` and ``mlx_lm``'s
 ``batch_generate`` measured in the same run; and mlx_lm's decode against the memory
 bandwidth limit (weight bytes read per token over the measured bandwidth).
+
+Each stream's tokens are checked against the same prompt run alone
+(``identical_to_alone``); ``decode_aggregate_tok_s`` counts tokens after each
+stream's first over the time from the first first-token to the last token.
+
+``stall``: a long prompt arrives while 3 streams decode on a 2-peer ring: the
+longest gap between two tokens of a running stream during its prefill, less the
+usual gap (the stall), against one prefill chunk's time through the ring.
 
 ``ring``: 1, 2 and 3 ``dnet-peer`` processes on loopback against single-process
 ``mlx_lm.stream_generate`` (measured before and after the rings; the mean is the
@@ -32,6 +41,7 @@ gives each run, the medians and the ratios (runtime / mlx_lm; >= 0.97 is the tar
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -50,6 +60,7 @@ import mlx.core as mx
 from mlx_lm import load, stream_generate
 
 from dnet.config import default_cache_dir
+from dnet.head.ring import DEFAULT_PREFILL_CHUNK
 from dnet.runtime.local import even_cuts, generate, load_chain
 from dnet.runtime.tiny import TinySpec, ensure_tiny_model
 
@@ -337,42 +348,57 @@ async def _throughput_run(procs, path, cuts, prompts, n, concurrency) -> dict:
             [PlanEntry(pid, s, e) for (_, _, pid), (s, e) in zip(procs, cuts, strict=True)],
         )
 
-        async def stream(prompt, record):
+        async def stream(i, record):
             start = time.perf_counter()
-            first, count = None, 0
-            async with aclosing(ring.generate(prompt, max_tokens=n, stop=())) as events:
-                async for _ in events:
-                    count += 1
+            first, tokens = None, []
+            async with aclosing(ring.generate(prompts[i], max_tokens=n, stop=())) as events:
+                async for e in events:
+                    tokens.append(e.token_id)
                     first = first or time.perf_counter()
             end = time.perf_counter()
-            record.append(
-                {
-                    "ttft_s": first - start,
-                    "tokens": count,
-                    "end": end,
-                    "decode_tok_s": (count - 1) / (end - first) if count > 1 else 0.0,
-                }
-            )
+            count = len(tokens)
+            record[i] = {
+                "ttft_s": first - start,
+                "tokens": tokens,
+                "first": first,
+                "end": end,
+                "decode_tok_s": (count - 1) / (end - first) if count > 1 else 0.0,
+            }
 
         async with aclosing(ring.generate(prompts[0][:8], max_tokens=2)) as warm:
             async for _ in warm:
                 pass
         for c in concurrency:
-            record: list[dict] = []
+            record: dict[int, dict] = {}
             started = time.perf_counter()
             async with trio.open_nursery() as nursery:
                 for i in range(c):
-                    nursery.start_soon(stream, prompts[i % len(prompts)], record)
-            wall = max(r["end"] for r in record) - started
-            ttfts = [r["ttft_s"] for r in record]
+                    nursery.start_soon(stream, i, record)
+            runs = list(record.values())
+            wall = max(r["end"] for r in runs) - started
+            decode_window = max(r["end"] for r in runs) - min(r["first"] for r in runs)
+            ttfts = [r["ttft_s"] for r in runs]
             out[str(c)] = {
-                "aggregate_tok_s": sum(r["tokens"] for r in record) / wall,
-                "per_stream_decode_tok_s": statistics.mean(r["decode_tok_s"] for r in record),
+                "aggregate_tok_s": sum(len(r["tokens"]) for r in runs) / wall,
+                "decode_aggregate_tok_s": sum(len(r["tokens"]) - 1 for r in runs) / decode_window,
+                "per_stream_decode_tok_s": statistics.mean(r["decode_tok_s"] for r in runs),
                 "ttft_p50_s": _pct(ttfts, 0.5),
                 "ttft_p90_s": _pct(ttfts, 0.9),
                 "wall_s": wall,
+                "tokens": {i: r["tokens"] for i, r in record.items()},
             }
-            print(f"  {c} streams: {json.dumps(out[str(c)])}", file=sys.stderr)
+            out[str(c)]["peer_step_rows"] = [s.step_rows for s in await ring.status()]
+            shown = {k: v for k, v in out[str(c)].items() if k != "tokens"}
+            print(f"  {c} streams: {json.dumps(shown)}", file=sys.stderr)
+        # Each prompt alone, one after another: what every stream must have produced.
+        alone = {}
+        for i in range(max(concurrency)):
+            record = {}
+            await stream(i, record)
+            alone[i] = record[i]["tokens"]
+        for c in concurrency:
+            tokens = out[str(c)].pop("tokens")
+            out[str(c)]["identical_to_alone"] = all(tokens[i] == alone[i] for i in tokens)
     return out
 
 
@@ -429,9 +455,12 @@ def bench_throughput(args) -> dict:
             )
         finally:
             _stop_peers(procs)
-    one = ring[str(args.concurrency[0])]["aggregate_tok_s"]
+    one = ring[str(args.concurrency[0])]
     for c, r in ring.items():
-        r["ratio_vs_one_stream"] = r["aggregate_tok_s"] / one
+        r["ratio_vs_one_stream"] = r["aggregate_tok_s"] / one["aggregate_tok_s"]
+        r["decode_ratio_vs_one_stream"] = (
+            r["decode_aggregate_tok_s"] / one["decode_aggregate_tok_s"]
+        )
         r["ratio_vs_mlx_lm_single"] = r["aggregate_tok_s"] / single
         r["ratio_vs_mlx_lm_batch"] = r["aggregate_tok_s"] / batched[c]["aggregate_tok_s"]
     return {
@@ -447,7 +476,120 @@ def bench_throughput(args) -> dict:
         "weight_bytes": weight_bytes,
         "bandwidth_limit_tok_s": limit,
         "mlx_lm_single_vs_limit": single / limit,
+        "ring_one_stream_decode_vs_limit": one["per_stream_decode_tok_s"] / limit,
         "ring_2_peers": ring,
+    }
+
+
+async def _stall_run(procs, path, cuts, args) -> dict:
+    from contextlib import aclosing
+
+    import trio
+
+    from dnet.head.ring import PlanEntry, open_ring
+    from dnet.identity import Identity
+
+    key = bytes.fromhex(os.environ["DNET_BENCH_KEY"])
+    long_prompt = [(i * 7919) % 150000 + 300 for i in range(args.long_prompt)]
+    chunks = -(-args.long_prompt // args.chunk)
+    async with open_ring([a for _, a, _ in procs], Identity.generate(), key) as ring:
+        await ring.load(
+            str(path),
+            [PlanEntry(pid, s, e) for (_, _, pid), (s, e) in zip(procs, cuts, strict=True)],
+        )
+
+        async def ttft(prompt) -> float:
+            start = time.perf_counter()
+            async with aclosing(
+                ring.generate(prompt, max_tokens=1, prefill_chunk=args.chunk)
+            ) as events:
+                async for _ in events:
+                    return time.perf_counter() - start
+            raise RuntimeError("no token")
+
+        await ttft(long_prompt[:8])
+        alone = await ttft(long_prompt)
+        times: list[list[float]] = [[] for _ in range(args.streams)]
+        marks: dict[str, float] = {}
+        done = trio.Event()
+
+        async def stream(i):
+            prompt = [(j * 104729 + i) % 150000 + 300 for j in range(16)]
+            async with aclosing(ring.generate(prompt, max_tokens=10_000, stop=())) as events:
+                async for _ in events:
+                    times[i].append(time.perf_counter())
+                    if done.is_set():
+                        return
+
+        async def long():
+            while min(len(t) for t in times) < args.warm_tokens:
+                await trio.sleep(0.05)
+            marks["start"] = time.perf_counter()
+            marks["ttft"] = await ttft(long_prompt)
+            marks["first"] = time.perf_counter()
+            await trio.sleep(2 * (times[0][-1] - times[0][-2]))
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(args.streams):
+                nursery.start_soon(stream, i)
+            nursery.start_soon(long)
+    before, during = [], []
+    for t in times:
+        for a, b in itertools.pairwise(t):
+            if b <= marks["start"]:
+                before.append(b - a)
+            elif a < marks["first"]:
+                during.append(b - a)
+    normal = statistics.median(before[len(before) // 2 :])
+    chunk_s = alone / chunks
+    worst = max(during)
+    return {
+        "long_prompt_tokens": args.long_prompt,
+        "prefill_chunk": args.chunk,
+        "chunks": chunks,
+        "long_prompt_ttft_alone_s": alone,
+        "long_prompt_ttft_under_load_s": marks["ttft"],
+        "chunk_s": chunk_s,
+        "decode_gap_before_p50_s": normal,
+        "decode_gap_during_max_s": worst,
+        "decode_gap_during_p50_s": statistics.median(during),
+        "tokens_during_prefill_per_stream": len(during) / args.streams,
+        "stall_s": worst - normal,
+        "stall_in_chunks": (worst - normal) / chunk_s,
+    }
+
+
+def bench_stall(args) -> dict:
+    """A long prompt arrives while ``--streams`` streams decode on a 2-peer ring:
+    the longest gap between two tokens of a running stream during its prefill,
+    over the gap before it (the stall), against the time of one prefill chunk
+    through the ring (the long prompt's TTFT alone over its chunk count)."""
+    import secrets
+    import tempfile
+
+    import trio
+
+    cache = default_cache_dir(os.environ) / "models"
+    path = ensure_tiny_model(cache, TinySpec(layers=args.layers, dtype=args.dtype, **QWEN3_0_6B))
+    key = secrets.token_hex(32)
+    os.environ["DNET_BENCH_KEY"] = key
+    with tempfile.TemporaryDirectory() as tmp:
+        key_file = Path(tmp) / "cluster.key"
+        key_file.write_text(key)
+        procs = _start_peers(2, key_file, Path(tmp))
+        try:
+            result = trio.run(_stall_run, procs, path, even_cuts(args.layers, 2), args)
+        finally:
+            _stop_peers(procs)
+    return {
+        "mode": "stall",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "blas": loaded_blas() or "bundled reference BLAS",
+        "model": str(path),
+        "dtype": args.dtype,
+        "streams": args.streams,
+        **result,
     }
 
 
@@ -490,10 +632,22 @@ def main() -> int:
     t.add_argument("--new-tokens", type=int, default=24)
     t.add_argument("--layers", type=int, default=28)
     t.add_argument("--out", help="also write the JSON report here")
+    st = sub.add_parser("stall", help="a long prompt arriving while streams decode")
+    st.add_argument("--streams", type=int, default=3)
+    st.add_argument("--long-prompt", type=int, default=1024)
+    st.add_argument("--chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
+    st.add_argument("--warm-tokens", type=int, default=6)
+    st.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    st.add_argument("--layers", type=int, default=28)
+    st.add_argument("--out", help="also write the JSON report here")
     args = p.parse_args()
-    report = {"runtime": bench_runtime, "ring": bench_ring, "throughput": bench_throughput}[
-        args.mode
-    ](args)
+    modes = {
+        "runtime": bench_runtime,
+        "ring": bench_ring,
+        "throughput": bench_throughput,
+        "stall": bench_stall,
+    }
+    report = modes[args.mode](args)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

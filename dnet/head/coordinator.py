@@ -59,6 +59,7 @@ class HeadStatistics:
     last_ttft_s: float | None
     load_progress: dict[str, tuple[int, int]]
     pending_model: str | None = None  # being prepared or loaded
+    decode_lanes: tuple[int, ...] = ()  # running requests in each decode lane
 
 
 @attrs.frozen
@@ -357,6 +358,7 @@ class Coordinator:
             last_ttft_s=self._last_ttft,
             load_progress=dict(self.load_progress),
             pending_model=self.pending_model,
+            decode_lanes=tuple(self.ring.lanes.sizes()),
         )
 
 
@@ -370,6 +372,7 @@ async def open_coordinator(
     max_concurrent: int = 64,
     context: int = 4096,
     compute_dtype: str | None = None,
+    decode_lanes: int | None = None,
     health_interval_s: float = 5.0,
     redial_interval_s: float = 10.0,
 ) -> AsyncIterator[Coordinator]:
@@ -378,7 +381,10 @@ async def open_coordinator(
     given, peers advertised over mDNS on them."""
     from dnet.discovery.static import announce_static, redial_static
 
-    async with open_ring([], identity, cluster_key) as ring, trio.open_nursery() as nursery:
+    async with (
+        open_ring([], identity, cluster_key, decode_lanes=decode_lanes) as ring,
+        trio.open_nursery() as nursery,
+    ):
         coordinator = Coordinator(
             ring, max_concurrent=max_concurrent, context=context, compute_dtype=compute_dtype
         )

@@ -47,7 +47,7 @@ from dnet.transport.connection import open_connection
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFILL_CHUNK = 512
+DEFAULT_PREFILL_CHUNK = 256  # CPU prefill runs as fast in 128..512-token chunks; smaller stalls less
 TOKEN_TIMEOUT_S = 60.0
 
 
