@@ -20,12 +20,12 @@ from dnet.errors import DnetError
 log = logging.getLogger("dnet.cli")
 
 
-
 def _at_least_one(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive number")
     return value
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(

@@ -259,7 +259,9 @@ async def _ring_run(procs, path, cuts, prompt, n, pings):
             return first - start, (len(ids) - 1) / (end - first) if len(ids) > 1 else 0.0, ids
 
         await timed(prompt[:8], 2)  # warm-up
+        ring.turnarounds.clear()
         ttft, decode, ids = await timed(prompt, n)
+        turnaround_us = [t * 1e6 for t in ring.turnarounds]
         payload = bytes(4 * 1024)  # one decode step's float32 activation (hidden 1024)
         for _ in range(20):
             await ring.peers[0].ping(payload)
@@ -277,6 +279,13 @@ async def _ring_run(procs, path, cuts, prompt, n, pings):
             "to_peer_us_p90": _pct(to_peer_us, 0.9),
             "half_rtt_us_p50": _pct(half_rtt_us, 0.5),
             "half_rtt_us_p90": _pct(half_rtt_us, 0.9),
+            "head_turnaround_us_p50": _pct(turnaround_us, 0.5),
+            "head_turnaround_us_p90": _pct(turnaround_us, 0.9),
+            # What sending tokens from the last peer straight to the first would
+            # save per token: the head's turnaround and one hop, over a token's time.
+            "shortcut_saving_fraction": (_pct(turnaround_us, 0.5) + _pct(hop_us, 0.5))
+            * 1e-6
+            * decode,
         }, ids
 
 

@@ -81,6 +81,9 @@ class PlacementPanel(Static):
             d["peer_id"]: (d.get("status") or {}).get("decode_step_s", 0.0)
             for d in snapshot.devices
         }
+        rows = {
+            d["peer_id"]: (d.get("status") or {}).get("step_rows", 0.0) for d in snapshot.devices
+        }
         n = max(topology["num_layers"], 1)
         text = Text()
         text.append(f"{topology['objective']} placement over {n} layers, ", style="bold")
@@ -100,8 +103,11 @@ class PlacementPanel(Static):
             shown = f"{got * 1e3:6.2f} ms" if got else "     —   "
             text.append(
                 f" {a['start']:>3}–{a['end']:<3} predicted "
-                f"{a['predicted_stage_s'] * 1e3:6.2f} ms  measured {shown}\n"
+                f"{a['predicted_stage_s'] * 1e3:6.2f} ms  measured {shown}"
             )
+            batch = rows.get(a["peer_id"]) or 0.0
+            # A step of several requests takes longer than the one-request prediction.
+            text.append(f" ({batch:.1f} requests a step)\n" if batch >= 1.05 else "\n")
         names = {d["peer_id"]: d["name"] for d in snapshot.devices}
         for peer_id, reason in topology["excluded"]:
             who = f"{names[peer_id]} ({peer_id[:12]})" if peer_id in names else peer_id[:12]
@@ -180,7 +186,13 @@ class ThroughputPanel(Vertical):
         text.append(" tok/s   first token ")
         text.append(f"{ttft * 1e3:.0f} ms" if ttft is not None else "—", style="bold")
         text.append(f"\n{head.get('active_requests', 0)}/{head.get('max_concurrent', 0)} ")
-        text.append("requests in flight · ")
+        lanes = [n for n in head.get("decode_lanes") or () if n]
+        if lanes:  # running requests step together, one batch per lane
+            text.append("requests, batched ")
+            text.append(" + ".join(str(n) for n in lanes), style="bold")
+            text.append(" · ")
+        else:
+            text.append("requests in flight · ")
         text.append(f"{head.get('requests_served', 0)} served · ")
         text.append(f"{head.get('tokens_generated', 0)} tokens")
         self.query_one("#throughput-figures", Static).update(text)

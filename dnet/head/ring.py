@@ -14,7 +14,9 @@ import copy
 import itertools
 import logging
 import math
+import time
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -47,7 +49,9 @@ from dnet.transport.connection import open_connection
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFILL_CHUNK = 256  # CPU prefill runs as fast in 128..512-token chunks; smaller stalls less
+DEFAULT_PREFILL_CHUNK = (
+    256  # CPU prefill runs as fast in 128..512-token chunks; smaller stalls less
+)
 TOKEN_TIMEOUT_S = 60.0
 
 
@@ -130,6 +134,10 @@ class Ring:
         self._step_ids = itertools.count()
         self.lanes = Lanes(1, self._step_ids)
         self._wakeup = trio.Event()
+        # Seconds from a step's tokens arriving to the next step sent: what a
+        # last-peer-to-first-peer shortcut would save, besides one hop.
+        self.turnarounds: deque[float] = deque(maxlen=4096)
+        self._tokens_at: float | None = None
 
     def _membership_changed(self) -> None:
         self._membership.set()
@@ -188,6 +196,7 @@ class Ring:
 
     def _on_request_message(self, message: Token | StepTokens | Error) -> None:
         if isinstance(message, StepTokens):
+            self._tokens_at = time.perf_counter()
             rows = []
             for token in message.tokens:
                 session = self._sessions.get(token.request_id)
@@ -230,8 +239,12 @@ class Ring:
         life."""
         while True:
             self._wakeup = trio.Event()
-            for plan in self.lanes.ready():
+            plans = self.lanes.ready()
+            for plan in plans:
                 await self._send_step(plan)
+            if plans and self._tokens_at is not None:
+                self.turnarounds.append(time.perf_counter() - self._tokens_at)
+                self._tokens_at = None
             await self._wakeup.wait()
 
     async def _send_step(self, plan: StepPlan) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlx_lm.utils import infer_quant_config
@@ -132,6 +132,60 @@ class LayerSlice:
         h = self.norm(h[:, -1:, :])
         logits = self.head(h) if self.head is not None else self.embed.as_linear(h)  # type: ignore[union-attr]
         return logits[:, -1, :]
+
+
+class ColumnsLinear(nn.Module):
+    """``nn.Linear`` with its weight kept transposed (``[in, out]``, contiguous).
+
+    On CPU BLAS a float32 product with a weight in this layout runs faster: on the
+    Qwen3-0.6B shape, decode steps took 338 instead of 394 ms for the layers, and
+    the tied output head 71 instead of 141 ms. Same values, another summation order.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight_t = mx.contiguous(linear.weight.T)
+        if "bias" in linear:
+            self.bias = linear.bias
+
+    @property
+    def weight(self) -> mx.array:
+        return self.weight_t.T
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "bias" in self:
+            return mx.addmm(self.bias, x, self.weight_t)
+        return x @ self.weight_t
+
+
+class ColumnsEmbedding(nn.Module):
+    """A tied embedding kept transposed (``[dims, vocab]``) for its use as the output
+    head; looking tokens up takes columns."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.weight_t = mx.contiguous(embedding.weight.T)
+
+    @property
+    def weight(self) -> mx.array:
+        return self.weight_t.T
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return mx.moveaxis(mx.take(self.weight_t, ids, axis=1), 0, -1)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return x @ self.weight_t
+
+
+def _columns_layout(module: nn.Module) -> None:
+    """Swap the float32 ``nn.Linear``s inside ``module`` for ``ColumnsLinear``."""
+    swaps = [
+        (path, ColumnsLinear(m))
+        for path, m in module.named_modules()
+        if type(m) is nn.Linear and m.weight.dtype == mx.float32
+    ]
+    if swaps:
+        module.update_modules(tree_unflatten(swaps))
 
 
 def _owned_prefixes(start: int, end: int, first: bool, last: bool, tied: bool) -> tuple[str, ...]:
@@ -294,14 +348,29 @@ def load_slice(
         if compute_dtype is not None:
             # Only floating-point arrays change; packed quantized weights stay.
             module.set_dtype(COMPUTE_DTYPES[compute_dtype])
+    layers = [inner.layers[i] for i in range(start, end)]
+    embed, head = pieces.get("model.embed_tokens."), pieces.get("lm_head.")
+    if mx.default_device() == mx.cpu:
+        for layer in layers:
+            _columns_layout(layer)
+        if isinstance(head, nn.Linear) and type(head) is nn.Linear:
+            head = ColumnsLinear(head) if head.weight.dtype == mx.float32 else head
+        elif (
+            head is None
+            and last
+            and isinstance(embed, nn.Embedding)
+            and type(embed) is nn.Embedding
+            and embed.weight.dtype == mx.float32
+        ):
+            embed = ColumnsEmbedding(embed)  # the output head reads all of it per token
     owned = LayerSlice(
         model,
         start,
         end,
-        embed=pieces.get("model.embed_tokens."),
-        layers=[inner.layers[i] for i in range(start, end)],
+        embed=embed,
+        layers=layers,
         norm=pieces.get("model.norm."),
-        head=pieces.get("lm_head."),
+        head=head,
     )
     del full, inner, weights
     # Read layer by layer (the same arrays as one eval), reporting as we go.
