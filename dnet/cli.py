@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import time
 
-from dnet.config import GenerateSettings
+from dnet.config import GenerateSettings, default_cache_dir
 from dnet.errors import DnetError
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     if settings.use_openblas:
         from dnet.runtime.blas import preload_openblas
 
-        preload_openblas()
+        preload_openblas(cache_dir=settings.cache_dir / "native")
     try:
         return _generate(settings)
     except DnetError as exc:
@@ -160,7 +161,9 @@ def peer_main(argv: list[str] | None = None) -> int:
     if settings.use_openblas:
         from dnet.runtime.blas import preload_openblas
 
-        preload_openblas(settings.openblas_thread_timeout)
+        preload_openblas(
+            settings.openblas_thread_timeout, cache_dir=default_cache_dir(os.environ) / "native"
+        )
     import trio
 
     from dnet.identity import load_cluster_key, load_identity

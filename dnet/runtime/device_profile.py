@@ -22,7 +22,7 @@ import mlx.core as mx
 import psutil
 
 from dnet.runtime.arrays import DTYPES
-from dnet.runtime.blas import loaded_blas
+from dnet.runtime.blas import loaded_blas, skinny_products_tuned
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,10 @@ def measure(
 ) -> DeviceRates:
     """Measure on the calling thread (the compute thread, in a peer).
 
-    Bandwidth: one position through a stack of ``[4 * hidden, hidden]`` weights
-    (``x @ w.T``, as ``nn.Linear`` does), ``matvec_mib`` in all: the shapes and the
-    working set of a decode step of a model that wide.
+    Bandwidth: one position through a stack of ``[4 * hidden, hidden]`` weights,
+    ``matvec_mib`` in all, in the layout slices use on this device (transposed on
+    CPU, see ``ColumnsLinear``): the shapes and the working set of a decode step of
+    a model that wide.
     """
     dt = DTYPES[dtype]
     per = 4 * hidden * hidden * dt.size
@@ -97,10 +98,12 @@ def measure(
         mx.random.normal((4 * hidden, hidden)).astype(dt)
         for _ in range(max(1, matvec_mib * 2**20 // per))
     ]
+    columns = mx.default_device() == mx.cpu and not skinny_products_tuned()
+    ws = [mx.contiguous(w.T) if columns else w.T for w in ws]
     x = mx.random.normal((1, hidden)).astype(dt)
     a = mx.random.normal((matmul_n, matmul_n)).astype(dt)
     mx.eval(ws, x, a)
-    matvec = _best_time(lambda: mx.eval([x @ w.T for w in ws]), 5)
+    matvec = _best_time(lambda: mx.eval([x @ w for w in ws]), 5)
     matmul = _best_time(lambda: mx.eval(a @ a), 3)
     return DeviceRates(
         dtype,
@@ -153,6 +156,7 @@ def _cache_key(dtype: str, hidden: int) -> str:
             loaded_blas() or "bundled",
             dtype,
             str(hidden),
+            "columns",  # the weight layout measured (bumped when it changes)
         ]
     )
 
