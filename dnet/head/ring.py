@@ -49,9 +49,9 @@ from dnet.transport.connection import open_connection
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFILL_CHUNK = (
-    256  # CPU prefill runs as fast in 128..512-token chunks; smaller stalls less
-)
+# CPU prefill runs as fast in 128- to 512-token chunks, and a running batch waits
+# for at most one chunk per peer: smaller chunks stall it less.
+DEFAULT_PREFILL_CHUNK = 256
 TOKEN_TIMEOUT_S = 60.0
 
 

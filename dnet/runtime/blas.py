@@ -5,12 +5,15 @@ with OpenBLAS. Loading OpenBLAS with ``RTLD_GLOBAL`` before ``mlx.core`` is impo
 makes MLX's BLAS calls resolve to it. Call ``preload_openblas`` first thing in a
 process's entry point; once mlx is imported it is too late.
 
-Where the system also has BLIS and a C compiler, a small dispatch library
-(``native/sgemm_dispatch.c``, built once into the cache directory) is loaded ahead
-of OpenBLAS and routes skinny products (decode steps: at most 16 rows) to BLIS and
-the rest (prefill) to OpenBLAS. Measured on the Qwen3-0.6B shape (2 cores): a
-decode step of 1 request took 262-268 ms against 414-441 ms with OpenBLAS alone,
-one of 4 requests 418-429 against 654-658 ms; prefill was unchanged.
+With ``DNET_BLIS=1``, where the system also has BLIS and a C compiler, a small
+dispatch library (``native/sgemm_dispatch.c``, built once into the cache directory)
+is loaded ahead of OpenBLAS and routes skinny products (decode steps: at most 16
+rows) to BLIS and the rest (prefill) to OpenBLAS. Measured on the Qwen3-0.6B shape
+(2 cores, one process): a decode step of 1 request took 262-268 ms against 306 ms
+with OpenBLAS and transposed weights, one of 4 requests 418-429 against 546 ms;
+prefill was unchanged. It is off by default: in rings of several processes on one
+machine its gain shrank and a running batch waited longer behind a prefill chunk
+(see the README).
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def build_dispatch(cache_dir: Path) -> Path | None:
 def _load_dispatch(openblas: str, cache_dir: Path | None) -> str | None:
     """Load the dispatch ahead of OpenBLAS; returns the BLIS path it routes to."""
     blis = _first(_BLIS)
-    if blis is None or cache_dir is None or os.environ.get("DNET_BLIS", "1") == "0":
+    if blis is None or cache_dir is None or os.environ.get("DNET_BLIS", "0") != "1":
         return None
     library = build_dispatch(cache_dir)
     if library is None:
@@ -125,8 +128,8 @@ def preload_openblas(
     steals them from the next: 20 (~0.4 ms) still bridges the gaps between one
     token's matmuls.
 
-    With ``cache_dir`` (where the dispatch library is built), skinny products go to
-    BLIS when the system has it; ``DNET_BLIS=0`` turns that off.
+    With ``cache_dir`` (where the dispatch library is built) and ``DNET_BLIS=1``,
+    skinny products go to BLIS when the system has it.
 
     A no-op off Linux, when none is installed, or when ``mlx.core`` is already
     imported (then MLX keeps the BLAS it bound to).

@@ -20,4 +20,4 @@ def test_rates_are_measured_once_then_cached(tmp_path):
     assert was_cached and again == first
     assert time.perf_counter() - start < 0.5
     stored = json.loads((tmp_path / CACHE_FILE).read_text())
-    assert len(stored) == 1 and next(iter(stored)).endswith("|float32|256")
+    assert len(stored) == 1 and next(iter(stored)).endswith("|float32|256|columns")
