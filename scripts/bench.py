@@ -19,7 +19,9 @@ stream's first over the time from the first first-token to the last token.
 
 ``stall``: a long prompt arrives while 3 streams decode on a 2-peer ring: the
 longest gap between two tokens of a running stream during its prefill, less the
-usual gap (the stall), against one prefill chunk's time through the ring.
+usual gap (the stall), against one prefill chunk's time through the ring (the
+mean, and the longest: each chunk timed alone as the difference of the TTFTs of
+the prompt cut after and before it).
 
 ``ring``: 1, 2 and 3 ``dnet-peer`` processes on loopback against single-process
 ``mlx_lm.stream_generate`` (measured before and after the rings; the mean is the
@@ -543,9 +545,13 @@ async def _stall_run(procs, path, cuts, args) -> dict:
             raise RuntimeError("no token")
 
         await ttft(long_prompt[:8])
+        # Each chunk's own time: the TTFT of the prompt cut after it, less the TTFT of
+        # the prompt cut before it (later chunks attend to more and cost more).
+        cuts = [await ttft(long_prompt[: k * args.chunk]) for k in range(1, chunks)]
         alone = await ttft(long_prompt)
+        chunk_times = [b - a for a, b in itertools.pairwise([0.0, *cuts, alone])]
         times: list[list[float]] = [[] for _ in range(args.streams)]
-        marks: dict[str, float] = {}
+        marks: dict = {"chunk_times": chunk_times}
         done = trio.Event()
 
         async def stream(i):
@@ -578,6 +584,8 @@ async def _stall_run(procs, path, cuts, args) -> dict:
                 during.append(b - a)
     normal = statistics.median(before[len(before) // 2 :])
     chunk_s = alone / chunks
+    chunk_times = marks["chunk_times"]
+    longest_chunk_s = max(chunk_times)
     worst = max(during)
     return {
         "long_prompt_tokens": args.long_prompt,
@@ -592,6 +600,9 @@ async def _stall_run(procs, path, cuts, args) -> dict:
         "tokens_during_prefill_per_stream": len(during) / args.streams,
         "stall_s": worst - normal,
         "stall_in_chunks": (worst - normal) / chunk_s,
+        "chunk_times_s": chunk_times,
+        "longest_chunk_s": longest_chunk_s,
+        "stall_in_longest_chunks": (worst - normal) / longest_chunk_s,
     }
 
 
