@@ -28,7 +28,8 @@ def plan(ring, cuts):
     return [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(ring.peers, cuts, strict=True)]
 
 
-async def test_four_concurrent_requests_match_their_solo_runs(tiny_model):
+@pytest.mark.parametrize("lanes", [None, 2])
+async def test_four_concurrent_requests_match_their_solo_runs(tiny_model, lanes):
     path = tiny_model(arch="qwen3", dtype="bfloat16")
     prompts = [
         [5, 9, 13, 200, 4, 77],
@@ -44,9 +45,12 @@ async def test_four_concurrent_requests_match_their_solo_runs(tiny_model):
     ]
     async with (
         open_peers(2) as peers,
-        open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring,
+        open_ring(
+            [a for a, _ in peers], Identity.generate(), CLUSTER_KEY, decode_lanes=lanes
+        ) as ring,
     ):
         await ring.load(str(path), plan(ring, [(0, 2), (2, 4)]))
+        assert ring.lanes.count == (lanes or 1)  # loopback: one machine, one lane
         alone = [
             [e.token_id for e in await collect(ring, p, 24, params=q)]
             for p, q in zip(prompts, params, strict=True)
@@ -65,13 +69,27 @@ async def test_four_concurrent_requests_match_their_solo_runs(tiny_model):
                         seen_interleaved.set()
             together[i] = tokens
 
-        async with trio.open_nursery() as nursery:
-            for i in range(4):
-                nursery.start_soon(one, i)
+        sizes = []
+
+        async def watch():
+            while True:
+                sizes.append(ring.lanes.sizes())
+                await trio.sleep(0.01)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                async with trio.open_nursery() as requests:
+                    for i in range(4):
+                        requests.start_soon(one, i)
+                nursery.cancel_scope.cancel()
+        if lanes == 2:  # both lanes ran requests at once
+            assert any(min(s) >= 1 for s in sizes), sizes[-5:]
         assert seen_interleaved.is_set(), "the four requests never ran at the same time"
         assert [together[i] for i in range(4)] == alone
         # They ran as batches: every peer saw decode steps of several requests.
-        assert all(max(d.step_sizes) >= 3 for _, d in peers), [d.step_sizes for _, d in peers]
+        most = 3 if lanes is None else 2
+        assert all(max(d.step_sizes) >= most for _, d in peers), [d.step_sizes for _, d in peers]
         with trio.fail_after(5):  # End is queued behind work; freeing is asynchronous
             while any(s.active_requests for s in await ring.status()):
                 await trio.sleep(0.02)
