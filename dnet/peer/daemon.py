@@ -117,6 +117,7 @@ class PeerDaemon:
         self._step_rows = 0.0  # moving average of the requests in a decode step
         self.step_sizes: Counter[int] = Counter()  # decode steps run, by rows
         self._queue = WorkQueue()
+        self._held: list[tuple[Activation, bytes]] = []  # prefill outputs behind a step
         self._out_send, self._out_receive = trio.open_memory_channel[tuple[str, Message, bytes]](
             math.inf
         )
@@ -322,6 +323,7 @@ class PeerDaemon:
             self._predecessor_scope = None
         engine, self.engine, self.loaded = self.engine, None, None
         self._meta.clear()
+        self._held.clear()
         if engine is not None:
             # Drop the arrays on the thread that owns them.
             await self._compute.run(engine.expire_idle, -1.0)
@@ -414,6 +416,9 @@ class PeerDaemon:
         else:
             forward = Step(message.step, result.request_ids, result.positions, out.dtype, out.shape)
             self._out_send.send_nowait(("next", forward, out.data))
+        held, self._held = self._held, []
+        for chunk, data in held:
+            self._out_send.send_nowait(("next", chunk, data))
 
     async def _work(self, message: Message, payload: bytes) -> None:
         engine = self.engine
@@ -456,7 +461,12 @@ class PeerDaemon:
             forward = Activation(
                 message.request_id, message.position, out.dtype, out.shape, message.sample
             )
-            self._out_send.send_nowait(("next", forward, out.data))
+            if self._queue.steps_waiting:
+                # A decode step runs here next: let it reach the next peer first, so
+                # it waits there for no chunk (the step never depends on this one).
+                self._held.append((forward, out.data))
+            else:
+                self._out_send.send_nowait(("next", forward, out.data))
         elif isinstance(out, SampledToken):
             self._out_send.send_nowait(("controller", self._token(message.request_id, out), b""))
 

@@ -28,6 +28,10 @@ class WorkQueue:
         self._step_ran_last = False
         self._lot = trio.lowlevel.ParkingLot()
 
+    @property
+    def steps_waiting(self) -> bool:
+        return bool(self._steps)
+
     def __len__(self) -> int:
         return len(self._urgent) + len(self._steps) + len(self._prefill)
 
