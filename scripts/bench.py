@@ -50,6 +50,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 # OpenBLAS must be loaded before anything imports mlx.core.
@@ -232,14 +233,30 @@ def _stop_peers(procs) -> None:
         proc.stdout.close()
 
 
-def _pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+def _on_peers(n: int, layers: int, run, *args):
+    """Start ``n`` dnet-peer processes sharing a fresh cluster key, return
+    ``trio.run(run, procs, cuts, *args)`` (even cuts of ``layers``), stop them."""
+    import secrets
+    import tempfile
+
+    import trio
+
+    key = secrets.token_hex(32)
+    os.environ["DNET_BENCH_KEY"] = key
+    with tempfile.TemporaryDirectory() as tmp:
+        key_file = Path(tmp) / "cluster.key"
+        key_file.write_text(key)
+        procs = _start_peers(n, key_file, Path(tmp))
+        try:
+            return trio.run(run, procs, even_cuts(layers, n), *args)
+        finally:
+            _stop_peers(procs)
 
 
-async def _ring_run(procs, path, cuts, prompt, n, pings):
-    from contextlib import aclosing
-
+@asynccontextmanager
+async def _loaded_ring(procs, path, cuts):
+    """A ring over ``procs`` with ``path`` loaded at ``cuts``; yields it and the
+    seconds the load took."""
     from dnet.head.ring import PlanEntry, open_ring
     from dnet.identity import Identity
 
@@ -250,7 +267,18 @@ async def _ring_run(procs, path, cuts, prompt, n, pings):
             str(path),
             [PlanEntry(pid, s, e) for (_, _, pid), (s, e) in zip(procs, cuts, strict=True)],
         )
-        load_s = time.perf_counter() - t0
+        yield ring, time.perf_counter() - t0
+
+
+def _pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def _ring_run(procs, cuts, path, prompt, n, pings):
+    from contextlib import aclosing
+
+    async with _loaded_ring(procs, path, cuts) as (ring, load_s):
 
         async def timed(p, k):
             start = time.perf_counter()
@@ -294,10 +322,6 @@ async def _ring_run(procs, path, cuts, prompt, n, pings):
 
 
 def bench_ring(args) -> dict:
-    import secrets
-    import tempfile
-
-    import trio
 
     cache = default_cache_dir(os.environ) / "models"
     spec = TinySpec(layers=args.layers, dtype=args.dtype, **QWEN3_0_6B)
@@ -318,23 +342,13 @@ def bench_ring(args) -> dict:
         "new_tokens": args.new_tokens,
         "rings": {},
     }
-    key = secrets.token_hex(32)
-    os.environ["DNET_BENCH_KEY"] = key
-    with tempfile.TemporaryDirectory() as tmp:
-        key_file = Path(tmp) / "cluster.key"
-        key_file.write_text(key)
-        for n in args.peers:
-            procs = _start_peers(n, key_file, Path(tmp))
-            try:
-                cuts = even_cuts(args.layers, n)
-                result, ids = trio.run(
-                    _ring_run, procs, path, cuts, prompt, args.new_tokens, args.pings
-                )
-            finally:
-                _stop_peers(procs)
-            result["greedy_tokens_identical"] = ids == ref[: len(ids)]
-            report["rings"][str(n)] = result
-            print(f"{n} peers: {json.dumps(result)}", file=sys.stderr)
+    for n in args.peers:
+        result, ids = _on_peers(
+            n, args.layers, _ring_run, path, prompt, args.new_tokens, args.pings
+        )
+        result["greedy_tokens_identical"] = ids == ref[: len(ids)]
+        report["rings"][str(n)] = result
+        print(f"{n} peers: {json.dumps(result)}", file=sys.stderr)
     ttft, dec, _ = run_mlx_lm(model, tokenizer, prompt, args.new_tokens)
     base.append({"ttft_s": ttft, "decode_tok_s": dec})
     baseline = {k: statistics.mean(b[k] for b in base) for k in base[0]}
@@ -345,21 +359,13 @@ def bench_ring(args) -> dict:
     return report
 
 
-async def _throughput_run(procs, path, cuts, prompts, n, concurrency) -> dict:
+async def _throughput_run(procs, cuts, path, prompts, n, concurrency) -> dict:
     from contextlib import aclosing
 
     import trio
 
-    from dnet.head.ring import PlanEntry, open_ring
-    from dnet.identity import Identity
-
-    key = bytes.fromhex(os.environ["DNET_BENCH_KEY"])
     out: dict = {}
-    async with open_ring([a for _, a, _ in procs], Identity.generate(), key) as ring:
-        await ring.load(
-            str(path),
-            [PlanEntry(pid, s, e) for (_, _, pid), (s, e) in zip(procs, cuts, strict=True)],
-        )
+    async with _loaded_ring(procs, path, cuts) as (ring, _):
 
         async def stream(i, record):
             start = time.perf_counter()
@@ -437,10 +443,7 @@ def bench_throughput(args) -> dict:
     """Concurrent streams on a 2-peer loopback ring against single-process mlx_lm
     (one stream, and mlx_lm's own batch_generate), and decode against the memory
     bandwidth limit (weight bytes read per token over the measured bandwidth)."""
-    import secrets
-    import tempfile
 
-    import trio
     from mlx_lm.generate import batch_generate
 
     from dnet.runtime.device_profile import measure
@@ -472,24 +475,9 @@ def bench_throughput(args) -> dict:
     stream_bandwidth = _read_bandwidth()
     bandwidth = max(matvec_bandwidth, stream_bandwidth)
     limit = bandwidth / weight_bytes
-    key = secrets.token_hex(32)
-    os.environ["DNET_BENCH_KEY"] = key
-    with tempfile.TemporaryDirectory() as tmp:
-        key_file = Path(tmp) / "cluster.key"
-        key_file.write_text(key)
-        procs = _start_peers(2, key_file, Path(tmp))
-        try:
-            ring = trio.run(
-                _throughput_run,
-                procs,
-                path,
-                even_cuts(args.layers, 2),
-                prompts,
-                args.new_tokens,
-                args.concurrency,
-            )
-        finally:
-            _stop_peers(procs)
+    ring = _on_peers(
+        2, args.layers, _throughput_run, path, prompts, args.new_tokens, args.concurrency
+    )
     one = ring[str(args.concurrency[0])]
     for c, r in ring.items():
         r["ratio_vs_one_stream"] = r["aggregate_tok_s"] / one["aggregate_tok_s"]
@@ -518,22 +506,14 @@ def bench_throughput(args) -> dict:
     }
 
 
-async def _stall_run(procs, path, cuts, args) -> dict:
+async def _stall_run(procs, cuts, path, args) -> dict:
     from contextlib import aclosing
 
     import trio
 
-    from dnet.head.ring import PlanEntry, open_ring
-    from dnet.identity import Identity
-
-    key = bytes.fromhex(os.environ["DNET_BENCH_KEY"])
     long_prompt = [(i * 7919) % 150000 + 300 for i in range(args.long_prompt)]
     chunks = -(-args.long_prompt // args.chunk)
-    async with open_ring([a for _, a, _ in procs], Identity.generate(), key) as ring:
-        await ring.load(
-            str(path),
-            [PlanEntry(pid, s, e) for (_, _, pid), (s, e) in zip(procs, cuts, strict=True)],
-        )
+    async with _loaded_ring(procs, path, cuts) as (ring, _):
 
         async def ttft(prompt) -> float:
             start = time.perf_counter()
@@ -611,23 +591,10 @@ def bench_stall(args) -> dict:
     the longest gap between two tokens of a running stream during its prefill,
     over the gap before it (the stall), against the time of one prefill chunk
     through the ring (the long prompt's TTFT alone over its chunk count)."""
-    import secrets
-    import tempfile
-
-    import trio
 
     cache = default_cache_dir(os.environ) / "models"
     path = ensure_tiny_model(cache, TinySpec(layers=args.layers, dtype=args.dtype, **QWEN3_0_6B))
-    key = secrets.token_hex(32)
-    os.environ["DNET_BENCH_KEY"] = key
-    with tempfile.TemporaryDirectory() as tmp:
-        key_file = Path(tmp) / "cluster.key"
-        key_file.write_text(key)
-        procs = _start_peers(2, key_file, Path(tmp))
-        try:
-            result = trio.run(_stall_run, procs, path, even_cuts(args.layers, 2), args)
-        finally:
-            _stop_peers(procs)
+    result = _on_peers(2, args.layers, _stall_run, path, args)
     return {
         "mode": "stall",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
