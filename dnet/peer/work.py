@@ -32,9 +32,6 @@ class WorkQueue:
     def steps_waiting(self) -> bool:
         return bool(self._steps)
 
-    def __len__(self) -> int:
-        return len(self._urgent) + len(self._steps) + len(self._prefill)
-
     def put(self, message: Message, payload: bytes = b"") -> None:
         if isinstance(message, EndRequest | Cancel):
             rid = message.request_id

@@ -145,13 +145,7 @@ class SliceEngine:
         """Free a request's caches. Ending an unknown request is a no-op (end and
         cancel may race). A batched request's row is dropped at the next step of
         its batch (one copy for all the rows that left)."""
-        req = self._requests.pop(request_id, None)
-        if (
-            req is not None
-            and req.batch is not None
-            and not any(r in self._requests for r in req.batch.rids)
-        ):
-            req.batch.cache.clear()
+        self._requests.pop(request_id, None)
 
     def trim(self, request_id: str, n: int) -> int:
         """Drop the last ``n`` positions of a request's caches; returns how many
