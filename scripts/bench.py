@@ -80,6 +80,24 @@ QWEN3_0_6B = dict(
     tie_embeddings=True,
     init_std=0.02,
 )
+# Published Qwen3 shapes (config.json of each), with generated weights: name ->
+# (TinySpec fields, layers). The default is the one every CPU figure uses.
+SHAPES = {
+    "qwen3-0.6b": (QWEN3_0_6B, 28),
+    "qwen3-4b": ({**QWEN3_0_6B, "hidden": 2560, "heads": 32, "intermediate": 9728}, 36),
+    "qwen3-8b": (
+        {**QWEN3_0_6B, "hidden": 4096, "heads": 32, "intermediate": 12288, "tie_embeddings": False},
+        36,
+    ),
+}
+
+
+def _spec(args, dtype: str) -> TinySpec:
+    """The model a mode runs: ``--shape`` with ``--layers`` (default: the shape's)."""
+    fields, layers = SHAPES[args.shape]
+    if args.layers is None:
+        args.layers = layers
+    return TinySpec(layers=args.layers, dtype=dtype, **fields)
 
 
 def _time_stream(tokens):
@@ -119,7 +137,7 @@ def bench_runtime(args) -> dict:
         "results": {},
     }
     for dtype in args.dtypes:
-        spec = TinySpec(layers=args.layers, dtype=dtype, **QWEN3_0_6B)
+        spec = _spec(args, dtype)
         t0 = time.perf_counter()
         path = ensure_tiny_model(cache, spec)
         made = time.perf_counter() - t0
@@ -324,7 +342,7 @@ async def _ring_run(procs, cuts, path, prompt, n, pings):
 def bench_ring(args) -> dict:
 
     cache = default_cache_dir(os.environ) / "models"
-    spec = TinySpec(layers=args.layers, dtype=args.dtype, **QWEN3_0_6B)
+    spec = _spec(args, args.dtype)
     path = ensure_tiny_model(cache, spec)
     prompt = [(i * 7919) % 150000 + 300 for i in range(args.prompt_tokens)]
     model, tokenizer = load(str(path))
@@ -406,7 +424,9 @@ async def _throughput_run(procs, cuts, path, prompts, n, concurrency) -> dict:
                 "wall_s": wall,
                 "tokens": {i: r["tokens"] for i, r in record.items()},
             }
-            out[str(c)]["peer_step_rows"] = [s.step_rows for s in await ring.status()]
+            statuses = await ring.status()
+            out[str(c)]["peer_step_rows"] = [s.step_rows for s in statuses]
+            out[str(c)]["peer_decode_step_s"] = [s.decode_step_s for s in statuses]
             shown = {k: v for k, v in out[str(c)].items() if k != "tokens"}
             print(f"  {c} streams: {json.dumps(shown)}", file=sys.stderr)
         # Each prompt alone, one after another: what every stream must have produced.
@@ -449,7 +469,7 @@ def bench_throughput(args) -> dict:
     from dnet.runtime.device_profile import measure
 
     cache = default_cache_dir(os.environ) / "models"
-    path = ensure_tiny_model(cache, TinySpec(layers=args.layers, dtype=args.dtype, **QWEN3_0_6B))
+    path = ensure_tiny_model(cache, _spec(args, args.dtype))
     prompts = [
         [(i * 7919 + j * 104729) % 150000 + 300 for i in range(args.prompt_tokens)]
         for j in range(max(args.concurrency))
@@ -471,7 +491,7 @@ def bench_throughput(args) -> dict:
     mx.clear_cache()
     # The higher of two readings: the peers' own matrix-vector probe and a plain
     # streaming read; the lower one would flatter the ratio.
-    matvec_bandwidth = measure(args.dtype, QWEN3_0_6B["hidden"]).bandwidth_bytes_s
+    matvec_bandwidth = measure(args.dtype, SHAPES[args.shape][0]["hidden"]).bandwidth_bytes_s
     stream_bandwidth = _read_bandwidth()
     bandwidth = max(matvec_bandwidth, stream_bandwidth)
     limit = bandwidth / weight_bytes
@@ -593,7 +613,7 @@ def bench_stall(args) -> dict:
     through the ring (the long prompt's TTFT alone over its chunk count)."""
 
     cache = default_cache_dir(os.environ) / "models"
-    path = ensure_tiny_model(cache, TinySpec(layers=args.layers, dtype=args.dtype, **QWEN3_0_6B))
+    path = ensure_tiny_model(cache, _spec(args, args.dtype))
     result = _on_peers(2, args.layers, _stall_run, path, args)
     return {
         "mode": "stall",
@@ -621,7 +641,8 @@ def main() -> int:
     r.add_argument("--prompt-tokens", type=int, default=128)
     r.add_argument("--new-tokens", type=int, default=32)
     r.add_argument("--repeats", type=int, default=2)
-    r.add_argument("--layers", type=int, default=28)
+    r.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
+    r.add_argument("--layers", type=int, help="default: the shape's")
     r.add_argument(
         "--compute-dtype",
         choices=["float32"],
@@ -636,14 +657,16 @@ def main() -> int:
     g.add_argument("--prompt-tokens", type=int, default=512)
     g.add_argument("--new-tokens", type=int, default=32)
     g.add_argument("--pings", type=int, default=500)
-    g.add_argument("--layers", type=int, default=28)
+    g.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
+    g.add_argument("--layers", type=int, help="default: the shape's")
     g.add_argument("--out", help="also write the JSON report here")
     t = sub.add_parser("throughput", help="concurrent streams on a 2-peer ring vs mlx_lm")
     t.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8])
     t.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     t.add_argument("--prompt-tokens", type=int, default=64)
     t.add_argument("--new-tokens", type=int, default=24)
-    t.add_argument("--layers", type=int, default=28)
+    t.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
+    t.add_argument("--layers", type=int, help="default: the shape's")
     t.add_argument("--out", help="also write the JSON report here")
     st = sub.add_parser("stall", help="a long prompt arriving while streams decode")
     st.add_argument("--streams", type=int, default=3)
@@ -651,7 +674,8 @@ def main() -> int:
     st.add_argument("--chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
     st.add_argument("--warm-tokens", type=int, default=6)
     st.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    st.add_argument("--layers", type=int, default=28)
+    st.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
+    st.add_argument("--layers", type=int, help="default: the shape's")
     st.add_argument("--out", help="also write the JSON report here")
     args = p.parse_args()
     modes = {

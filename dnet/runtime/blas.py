@@ -5,15 +5,14 @@ with OpenBLAS. Loading OpenBLAS with ``RTLD_GLOBAL`` before ``mlx.core`` is impo
 makes MLX's BLAS calls resolve to it. Call ``preload_openblas`` first thing in a
 process's entry point; once mlx is imported it is too late.
 
-With ``DNET_BLIS=1``, where the system also has BLIS and a C compiler, a small
-dispatch library (``native/sgemm_dispatch.c``, built once into the cache directory)
-is loaded ahead of OpenBLAS and routes skinny products (decode steps: at most 16
-rows) to BLIS and the rest (prefill) to OpenBLAS. Measured on the Qwen3-0.6B shape
-(2 cores, one process): a decode step of 1 request took 262-268 ms against 306 ms
-with OpenBLAS and transposed weights, one of 4 requests 418-429 against 546 ms;
-prefill was unchanged. It is off by default: in rings of several processes on one
-machine its gain shrank and a running batch waited longer behind a prefill chunk
-(see the README).
+Where the system has a C compiler, a small dispatch library
+(``native/sgemm_dispatch.c``, built once into the cache directory) is loaded ahead
+of OpenBLAS: skinny products (decode steps: at most 8 rows against weights as
+stored) go to its kernel, which reads each weight once however many rows there
+are; the rest (prefill) goes to OpenBLAS. Measured on the Qwen3-0.6B shape (2 cores,
+one process, ``scripts/bench.py`` and the figures in the README): a decode step of
+one request took about half the time it takes with OpenBLAS. ``DNET_SKINNY=0``
+turns it off.
 """
 
 from __future__ import annotations
@@ -38,15 +37,10 @@ _CANDIDATES = (
     "/usr/lib/libopenblas.so.0",
 )
 _FORTRAN = ("/usr/lib/*-linux-gnu/libgfortran.so.5", "/usr/lib64/libgfortran.so.5")
-_BLIS = (
-    "/usr/lib/*-linux-gnu/blis-pthread/libblis.so.4",
-    "/usr/lib/*-linux-gnu/libblis.so.4",
-    "/usr/lib64/libblis.so.4",
-)
 _DISPATCH_SOURCE = Path(__file__).parent / "native" / "sgemm_dispatch.c"
 
 _loaded: str | None = None
-_small: str | None = None  # BLIS, when skinny products go to it
+_skinny: str | None = None  # the dispatch library, when skinny products go to it
 
 
 def find_openblas() -> str | None:
@@ -57,64 +51,60 @@ def find_openblas() -> str | None:
     return None
 
 
-def _first(patterns: tuple[str, ...]) -> str | None:
-    for pattern in patterns:
-        found = sorted(glob.glob(pattern))
-        if found:
-            return found[0]
+def build_dispatch(cache_dir: Path) -> Path | None:
+    """The sgemm dispatch library, compiled into ``cache_dir`` on first use (keyed by
+    its source and flags); ``None`` without a C compiler or when the build fails.
+    Without OpenMP the kernel runs on one thread."""
+    source = _DISPATCH_SOURCE.read_bytes()
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    for flags in (["-O3", "-fopenmp"], ["-O3"]):
+        tag = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:12]
+        target = cache_dir / f"sgemm_dispatch-{tag}.so"
+        if target.exists():
+            return target
+        if cc is None:
+            continue
+        tmp = None
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
+            os.close(fd)
+            subprocess.run(
+                [cc, *flags, "-shared", "-fPIC", "-o", tmp, str(_DISPATCH_SOURCE), "-ldl"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            os.replace(tmp, target)  # atomic: processes building at once are fine
+            return target
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.info("cannot build the sgemm dispatch with %s (%s)", flags, exc)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
     return None
 
 
-def build_dispatch(cache_dir: Path) -> Path | None:
-    """The sgemm dispatch library, compiled into ``cache_dir`` on first use (keyed by
-    its source); ``None`` without a C compiler or when the build fails."""
-    source = _DISPATCH_SOURCE.read_bytes()
-    target = cache_dir / f"sgemm_dispatch-{hashlib.sha256(source).hexdigest()[:12]}.so"
-    if target.exists():
-        return target
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None
-    tmp = None
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
-        os.close(fd)
-        subprocess.run(
-            [cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(_DISPATCH_SOURCE), "-ldl"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        os.replace(tmp, target)  # atomic: processes building at once are fine
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.info("cannot build the sgemm dispatch (%s); OpenBLAS alone", exc)
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        return None
-    return target
-
-
 def _load_dispatch(openblas: str, cache_dir: Path | None) -> str | None:
-    """Load the dispatch ahead of OpenBLAS; returns the BLIS path it routes to."""
-    blis = _first(_BLIS)
-    if blis is None or cache_dir is None or os.environ.get("DNET_BLIS", "0") != "1":
+    """Load the dispatch ahead of OpenBLAS; its path, when skinny products now go to it."""
+    if cache_dir is None or os.environ.get("DNET_SKINNY", "1") == "0":
         return None
     library = build_dispatch(cache_dir)
     if library is None:
         return None
-    os.environ["DNET_BLAS_SMALL"] = blis
     os.environ["DNET_BLAS_LARGE"] = openblas
-    os.environ.setdefault("BLIS_NUM_THREADS", str(os.cpu_count() or 1))
+    # OpenMP's idle threads spin before they sleep; peers on one machine take turns
+    # on its cores, so a short spin (still longer than the gaps between one
+    # token's products) leaves the cores to the next peer.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     try:
         dispatch = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
         log.warning("could not load %s: %s", library, exc)
         return None
     if not dispatch.dnet_sgemm_dispatch_ready():
-        log.warning("the sgemm dispatch could not open %s and %s", blis, openblas)
+        log.info("the sgemm dispatch is not used here (no AVX2 and FMA, or no %s)", openblas)
         return None
-    return blis
+    return str(library)
 
 
 def preload_openblas(
@@ -128,13 +118,13 @@ def preload_openblas(
     steals them from the next: 20 (~0.4 ms) still bridges the gaps between one
     token's matmuls.
 
-    With ``cache_dir`` (where the dispatch library is built) and ``DNET_BLIS=1``,
-    skinny products go to BLIS when the system has it.
+    With ``cache_dir`` (where the dispatch library is built), skinny products go to
+    the dispatch kernel where it builds and the CPU has AVX2 and FMA.
 
     A no-op off Linux, when none is installed, or when ``mlx.core`` is already
     imported (then MLX keeps the BLAS it bound to).
     """
-    global _loaded, _small
+    global _loaded, _skinny
     if _loaded or not sys.platform.startswith("linux"):
         return _loaded
     if "mlx.core" in sys.modules:
@@ -152,23 +142,24 @@ def preload_openblas(
             for lib in sorted(glob.glob(pattern))[:1]:
                 ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
         # Ahead of OpenBLAS in the global scope, so MLX's cblas_sgemm lands in it.
-        _small = _load_dispatch(path, cache_dir)
+        _skinny = _load_dispatch(path, cache_dir)
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
         log.warning("could not load %s: %s", path, exc)
         return None
     _loaded = path
-    log.info("using OpenBLAS from %s%s", path, f", BLIS for decode from {_small}" if _small else "")
+    log.info("using OpenBLAS from %s%s", path, ", skinny products by dnet" if _skinny else "")
     return path
 
 
 def loaded_blas() -> str | None:
-    """The BLAS this process loaded, if any (OpenBLAS, plus BLIS for skinny products)."""
-    if _loaded and _small:
-        return f"{_loaded} + {_small} (rows <= 16)"
+    """The BLAS this process loaded, if any (OpenBLAS, plus the skinny kernel)."""
+    if _loaded and _skinny:
+        return f"{_loaded} + {Path(_skinny).name} (skinny products, rows <= 8)"
     return _loaded
 
 
 def skinny_products_tuned() -> bool:
-    """Whether skinny products go to BLIS (whose kernels want weights as stored)."""
-    return _small is not None
+    """Whether skinny products go to the dispatch kernel (which wants weights as
+    stored, not transposed)."""
+    return _skinny is not None

@@ -1,16 +1,17 @@
-"""The BLAS preload: OpenBLAS, and BLIS for skinny products through the dispatch
-library, checked in fresh processes (a process binds its BLAS once)."""
+"""The BLAS preload: OpenBLAS, and the dispatch library's kernel for skinny
+products, checked in fresh processes (a process binds its BLAS once)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from dnet.runtime.blas import _BLIS, _first, find_openblas
+from dnet.runtime.blas import find_openblas
 
 PROBE = textwrap.dedent(
     """
@@ -22,23 +23,35 @@ PROBE = textwrap.dedent(
     import numpy as np
     rng = np.random.default_rng(0)
     errors = []
-    for m, n, k in ((1, 3072, 1024), (4, 1024, 3072), (16, 512, 256), (17, 512, 256),
-                    (200, 700, 300)):
+    # Odd sizes too: tails of the kernel's 8-wide loads and of its row groups.
+    for m, n, k in ((1, 3072, 1024), (4, 1024, 3072), (8, 517, 203), (3, 50, 7),
+                    (9, 512, 256), (16, 512, 256), (200, 700, 300)):
         a = rng.standard_normal((m, k), dtype=np.float32)
         b = rng.standard_normal((n, k), dtype=np.float32)
-        for got in (np.array(mx.array(a) @ mx.array(b).T),
-                    np.array(mx.array(a) @ mx.contiguous(mx.array(b).T))):
-            ref = a.astype(np.float64) @ b.T.astype(np.float64)
-            errors.append(float(np.abs(got - ref).max() / np.abs(ref).max()))
+        bias = rng.standard_normal((n,), dtype=np.float32)
+        ref = a.astype(np.float64) @ b.T.astype(np.float64)
+        for got, want in (
+            (mx.array(a) @ mx.array(b).T, ref),
+            (mx.array(a) @ mx.contiguous(mx.array(b).T), ref),
+            (mx.addmm(mx.array(bias), mx.array(a), mx.array(b).T), ref + bias),
+        ):
+            got = np.array(got)
+            errors.append(float(np.abs(got - want).max() / np.abs(want).max()))
+    # A row's product is the same bits alone as among up to 8 rows.
+    w = mx.array(rng.standard_normal((3000, 1024), dtype=np.float32))
+    rows = mx.array(rng.standard_normal((8, 1024), dtype=np.float32))
+    alone = [np.array(rows[i : i + 1] @ w.T) for i in range(8)]
+    invariant = all(
+        np.array_equal(np.array(rows[:m] @ w.T)[i], alone[i][0])
+        for m in range(1, 9) for i in range(m)
+    )
     print(json.dumps({"blas": loaded_blas(), "tuned": skinny_products_tuned(),
-                      "error": max(errors)}))
+                      "error": max(errors), "batch_invariant": invariant}))
     """
 )
 
 
 def _probe(tmp_path, **env):
-    import os
-
     out = subprocess.run(
         [sys.executable, "-c", PROBE, str(tmp_path / "native")],
         capture_output=True,
@@ -52,18 +65,17 @@ def _probe(tmp_path, **env):
 
 @pytest.mark.skipif(find_openblas() is None, reason="no OpenBLAS on this system")
 def test_openblas_alone_computes_right(tmp_path):
-    result = _probe(tmp_path)
+    result = _probe(tmp_path, DNET_SKINNY="0")
     assert result["blas"] == find_openblas() and not result["tuned"]
     assert result["error"] < 1e-5
 
 
-@pytest.mark.skipif(
-    find_openblas() is None or _first(_BLIS) is None, reason="needs OpenBLAS and BLIS"
-)
-def test_skinny_products_go_to_blis_and_stay_right(tmp_path):
-    result = _probe(tmp_path, DNET_BLIS="1")
+@pytest.mark.skipif(find_openblas() is None, reason="no OpenBLAS on this system")
+def test_skinny_products_take_the_kernel_and_stay_right(tmp_path):
+    result = _probe(tmp_path)
     if not result["tuned"]:
-        pytest.skip("no C compiler to build the dispatch library")
-    assert "blis" in result["blas"]
+        pytest.skip("no C compiler, or no AVX2 and FMA, for the dispatch library")
+    assert "sgemm_dispatch" in result["blas"]
     assert result["error"] < 1e-5
+    assert result["batch_invariant"]
     assert list((tmp_path / "native").glob("sgemm_dispatch-*.so"))
