@@ -25,6 +25,7 @@ PROBE = textwrap.dedent(
     errors = []
     # Odd sizes too: tails of the kernel's 8-wide loads and of its row groups.
     for m, n, k in ((1, 3072, 1024), (4, 1024, 3072), (8, 517, 203), (3, 50, 7),
+                    (5, 1000, 300), (6, 61, 1024), (7, 3001, 17), (2, 5, 9),
                     (9, 512, 256), (16, 512, 256), (200, 700, 300)):
         a = rng.standard_normal((m, k), dtype=np.float32)
         b = rng.standard_normal((n, k), dtype=np.float32)
