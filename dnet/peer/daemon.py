@@ -4,7 +4,7 @@ connection that loaded it).
 
 Tasks, all in one nursery: the listener (one handler task per connection), the
 worker (request work in ``WorkQueue`` order: decode steps, batched, take turns with
-prefill chunks), the sender (the FIFO of outgoing messages), the
+prefill chunks and run between a chunk's layers), the sender (the FIFO of outgoing messages), the
 successor link, and the idle-request reaper.
 """
 
@@ -446,13 +446,20 @@ class PeerDaemon:
             return
         assert isinstance(message, Activation)
         tensor = HostTensor(message.dtype, message.shape, payload)
+        tokens = message.shape[1] if len(message.shape) > 1 else message.shape[0]
         started = time.perf_counter()
-        out = await self._compute.run(
-            lambda: engine.run(
+        chunk = await self._compute.run(
+            lambda: engine.begin(
                 message.request_id, tensor, position=message.position, sample=message.sample
             )
         )
-        tokens = message.shape[1] if len(message.shape) > 1 else message.shape[0]
+        # A prefill chunk pauses between two layers whenever decode steps wait, and
+        # they run there: a long prompt holds a running batch back by about a layer.
+        pause = self._queue.has_steps if tokens > 1 else None
+        while not await self._compute.run(chunk.advance, pause):
+            while (step := self._queue.take_step()) is not None:
+                await self._step(*step)
+        out = chunk.output
         if tokens == 1:  # a decode step: what the solver's stage time predicts
             self._measure_step(time.perf_counter() - started, 1)
         else:
@@ -461,7 +468,7 @@ class PeerDaemon:
             forward = Activation(
                 message.request_id, message.position, out.dtype, out.shape, message.sample
             )
-            if self._queue.steps_waiting:
+            if self._queue.has_steps():
                 # A decode step runs here next: let it reach the next peer first, so
                 # it waits there for no chunk (the step never depends on this one).
                 self._held.append((forward, out.data))

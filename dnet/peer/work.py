@@ -1,8 +1,10 @@
 """The order a peer runs request work in.
 
 Ends and cancels go first (they free memory and drop the request's queued prefill).
-Decode steps and prefill chunks take turns when both wait, so a long prompt holds a
-running batch back by at most one chunk, and a busy ring still prefills. Work of one
+Decode steps and prefill chunks take turns when both wait, and a peer running a
+chunk lets waiting steps through between two of its layers (``take_step``), so a
+long prompt holds a running batch back by about one layer, and a busy ring still
+prefills. Work of one
 request keeps its order: its ``StartRequest`` and chunks share one FIFO, and its
 decode steps start only after its prefill has come back as a token.
 """
@@ -28,9 +30,17 @@ class WorkQueue:
         self._step_ran_last = False
         self._lot = trio.lowlevel.ParkingLot()
 
-    @property
-    def steps_waiting(self) -> bool:
+    def has_steps(self) -> bool:
+        """Whether decode steps wait (safe to call from the compute thread)."""
         return bool(self._steps)
+
+    def take_step(self) -> Work | None:
+        """The next decode step, out of turn: for a peer that paused a prefill chunk
+        between two layers to let waiting steps through."""
+        if not self._steps:
+            return None
+        self._step_ran_last = True
+        return self._steps.popleft()
 
     def put(self, message: Message, payload: bytes = b"") -> None:
         if isinstance(message, EndRequest | Cancel):

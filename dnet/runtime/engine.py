@@ -80,6 +80,66 @@ class StepResult:
     dropped: tuple[tuple[str, DnetError], ...] = ()
 
 
+class Chunk:
+    """One input of one request (a prefill chunk, or a single position) on its way
+    through the slice, made by ``SliceEngine.begin``. ``advance`` runs its layers,
+    all at once or one at a time until asked to pause, so that a peer can run a
+    decode step of other requests between two layers of a long chunk; ``output``
+    is ``run``'s result once ``done``."""
+
+    def __init__(self, engine: SliceEngine, req: _Request, x: mx.array, sample: bool) -> None:
+        assert req.cache is not None
+        self._engine = engine
+        self._req = req
+        self._cache = req.cache
+        self._sample = sample
+        self._n = x.shape[1]
+        self._h, self._mask = engine.slice.begin(x, req.cache)
+        self._next = 0  # the next layer to run, within the slice
+        self.done = False
+        self.output: HostTensor | SampledToken | None = None
+
+    def advance(self, pause: Callable[[], bool] | None = None) -> bool:
+        """Run the remaining layers, or with ``pause`` one layer at a time until
+        ``pause()`` is true after one. Returns whether the input is through.
+
+        Raises:
+            ComputeFailed: the request is freed (its caches may hold half a chunk).
+        """
+        layer_slice, req = self._engine.slice, self._req
+        total = layer_slice.num_layers
+        try:
+            while self._next < total:
+                first = self._next
+                self._next = total if pause is None else first + 1
+                self._h = layer_slice.run_layers(
+                    self._h, self._mask, self._cache, first, self._next
+                )
+                if pause is not None and self._next < total:
+                    mx.eval(self._h, [c.state for c in self._cache[first : self._next]])
+                    if pause():
+                        return False
+            out = layer_slice.finish(self._h)
+            req.position += self._n
+            self.done = True
+            if not layer_slice.is_last:
+                mx.eval(out, [c.state for c in self._cache])
+                self.output = to_host(out)
+            elif not self._sample:
+                # Only the caches matter; the logits stay unevaluated and are dropped.
+                mx.eval([c.state for c in self._cache])
+            else:
+                assert req.sampler is not None
+                self.output = req.sampler.sample(out)
+            return True
+        except (RuntimeError, ValueError) as exc:
+            self._engine.end(req.rid)  # its caches may hold half a chunk
+            raise ComputeFailed(
+                f"request {req.rid!r} failed in layers "
+                f"{layer_slice.start}..{layer_slice.end}: {exc}"
+            ) from exc
+
+
 @attrs.frozen
 class EngineStatistics:
     """A snapshot of an engine's state."""
@@ -255,6 +315,25 @@ class SliceEngine:
         false (a prefill chunk whose logits nobody needs).
 
         Raises:
+            UnknownRequest, InvalidActivation, PositionMismatch, ContextOverflow,
+            ComputeFailed
+        """
+        chunk = self.begin(request_id, inputs, position=position, sample=sample)
+        chunk.advance()
+        return chunk.output
+
+    def begin(
+        self,
+        request_id: str,
+        inputs: HostTensor | Sequence[int],
+        *,
+        position: int | None = None,
+        sample: bool = True,
+    ) -> Chunk:
+        """``run``, to be driven layer by layer: see ``Chunk``. Until the chunk is
+        through, the request takes no other work.
+
+        Raises:
             UnknownRequest, InvalidActivation, PositionMismatch, ContextOverflow
         """
         req = self._solo(self._get(request_id))
@@ -272,24 +351,7 @@ class SliceEngine:
             )
         req.last_used = self._clock()
         self._tokens_processed += n
-        try:
-            out = self.slice(x, req.cache)
-            req.position += n
-            if not self.slice.is_last:
-                mx.eval(out, [c.state for c in req.cache])
-                return to_host(out)
-            if not sample:
-                # Only the caches matter; the logits stay unevaluated and are dropped.
-                mx.eval([c.state for c in req.cache])
-                return None
-            assert req.sampler is not None
-            return req.sampler.sample(out)
-        except (RuntimeError, ValueError) as exc:
-            self.end(request_id)  # its caches may hold half a step
-            raise ComputeFailed(
-                f"request {request_id!r} failed in layers "
-                f"{self.slice.start}..{self.slice.end}: {exc}"
-            ) from exc
+        return Chunk(self, req, x, sample)
 
     def logits(self, request_id: str, inputs: HostTensor | Sequence[int]) -> HostTensor:
         """Like ``run`` on the last slice, but return the last position's logits

@@ -123,10 +123,27 @@ class LayerSlice:
     def __call__(self, x: mx.array, cache: list[KVCache]) -> mx.array:
         """Run the slice lazily. Returns hidden states ``[B, T, H]``, or on the last
         slice the logits of the last position ``[B, vocab]``."""
+        h, mask = self.begin(x, cache)
+        return self.finish(self.run_layers(h, mask, cache, 0, self.num_layers))
+
+    # The same in parts, so that other work can run between layers (prefill chunks).
+
+    def begin(self, x: mx.array, cache: list[KVCache]) -> tuple[mx.array, Any]:
+        """The hidden states entering the first layer, and the attention mask every
+        layer of this input uses (taken before any cache moves)."""
         h = self.embed(x) if self.embed is not None and self.is_first else x
-        mask = create_attention_mask(h, cache[0])
-        for layer, c in zip(self.layers, cache, strict=True):
-            h = layer(h, mask, c)
+        return h, create_attention_mask(h, cache[0])
+
+    def run_layers(
+        self, h: mx.array, mask: Any, cache: list[KVCache], first: int, last: int
+    ) -> mx.array:
+        """Layers ``first`` to ``last - 1`` of this slice (indices within it)."""
+        for i in range(first, last):
+            h = self.layers[i](h, mask, cache[i])
+        return h
+
+    def finish(self, h: mx.array) -> mx.array:
+        """What the slice returns for the last layer's hidden states ``h``."""
         if not self.is_last:
             return h
         assert self.norm is not None and (self.head is not None or self.embed is not None)

@@ -75,3 +75,19 @@ async def test_get_waits_for_work():
         assert not got
         q.put(_step(7))
     assert got == [(_step(7), b"")]
+
+
+def test_a_paused_chunk_takes_the_waiting_steps_out_of_turn():
+    q = WorkQueue()
+    q.put(_chunk("p", 0))
+    q.put(_chunk("p", 4))
+    assert not q.has_steps() and q.take_step() is None
+    assert q.take() == (_chunk("p", 0), b"")  # now running, and steps arrive
+    q.put(_step(0))
+    q.put(_step(1))
+    assert q.has_steps()
+    assert [q.take_step()[0].step, q.take_step()[0].step] == [0, 1]
+    assert q.take_step() is None and not q.has_steps()
+    # A step ran last: the next chunk is next.
+    q.put(_step(2))
+    assert [type(m).__name__ for m in _drain(q)] == ["Activation", "Step"]

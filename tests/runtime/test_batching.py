@@ -119,3 +119,40 @@ def test_bad_rows_are_dropped_and_the_rest_run(tiny_model):
         )
     with pytest.raises(InvalidActivation, match="distinct"):
         engine.step(["a", "a"], [1, 1], HostTensor("int32", (2, 1), bytes(8)))
+
+
+def test_a_chunk_paused_between_layers_for_steps_changes_no_ones_tokens(tiny_model):
+    """A prefill chunk run a layer at a time, with batched steps of other requests
+    run between its layers, gives the same tokens as everything run in turn."""
+    path = tiny_model(arch="qwen3")
+    model, tokenizer = load(str(path))
+    prompts = _prompts(tokenizer, 3)
+    long_prompt = tokenizer.encode("tell me a long story about bears and a fox " * 3)
+    expected = [reference_tokens(model, p, 6) for p in prompts[:2]]
+    expected_long = reference_tokens(model, long_prompt, 3)
+    engines = load_chain(open_model_dir(path), [(0, 2), (2, 4)])
+    d = _Driver(engines)
+    d.start("a", prompts[0])
+    d.start("b", prompts[1])
+    x: object = long_prompt
+    pauses = 0
+    for e in engines:
+        e.start("long")
+        chunk = e.begin("long", x)
+        while not chunk.advance(pause=lambda: True):
+            pauses += 1
+            d.step(["a", "b"])  # other requests' steps between two layers
+        assert chunk.done
+        x = chunk.output
+    assert pauses == 2  # one between the two layers of each slice
+    assert isinstance(x, SampledToken) and x.token_id == expected_long[0]
+    while len(d.tokens["a"]) < 6:
+        d.step(["a", "b"])
+    assert d.tokens["a"] == expected[0] and d.tokens["b"] == expected[1]
+    d.tokens["long"], d.position["long"] = [x.token_id], len(long_prompt)
+    d.step(["long", "a", "b"])
+    d.step(["long"])
+    assert d.tokens["long"] == expected_long
+    for rid in ("a", "b", "long"):
+        d.end(rid)
+    assert all(e.kv_bytes() == 0 for e in engines)
