@@ -7,6 +7,9 @@
     scripts/bench.py throughput [--concurrency 1 2 4 8] [--dtype float32]
     scripts/bench.py stall [--streams 3] [--long-prompt 1024] [--chunk 256]
 
+Every mode takes ``--shape qwen3-0.6b|qwen3-4b|qwen3-8b`` (default qwen3-0.6b, the
+shape every CPU figure uses) and ``--layers`` (default: the shape's).
+
 ``throughput``: 1, 2, 4 and 8 concurrent streams on a 2-peer loopback ring:
 aggregate tokens/s, per-stream decode tokens/s, time to first token p50/p90, as
 ratios against one stream, single-process ``mlx_lm`` and ``mlx_lm``'s
