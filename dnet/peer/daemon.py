@@ -457,8 +457,10 @@ class PeerDaemon:
         # they run there: a long prompt holds a running batch back by about a layer.
         pause = self._queue.has_steps if tokens > 1 else None
         while not await self._compute.run(chunk.advance, pause):
-            while (step := self._queue.take_step()) is not None:
-                await self._step(*step)
+            while (work := self._queue.take_step()) is not None:
+                step, step_payload = work
+                assert isinstance(step, Step)
+                await self._step(step, step_payload)
         out = chunk.output
         if tokens == 1:  # a decode step: what the solver's stage time predicts
             self._measure_step(time.perf_counter() - started, 1)
