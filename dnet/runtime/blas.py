@@ -92,17 +92,19 @@ def _load_dispatch(openblas: str, cache_dir: Path | None) -> str | None:
     if library is None:
         return None
     os.environ["DNET_BLAS_LARGE"] = openblas
-    # OpenMP's idle threads spin before they sleep; peers on one machine take turns
-    # on its cores, so a short spin (still longer than the gaps between one
-    # token's products) leaves the cores to the next peer.
+    # OpenMP's idle threads spin before they sleep, and peers on one machine take
+    # turns on its cores: with a long spin (3,000,000) two peers on 2 cores decoded
+    # at half the speed, the idle peer's threads holding the active peer's cores.
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     try:
-        dispatch = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+        # Privately first: its cblas_sgemm must not shadow OpenBLAS's unless it works.
+        dispatch = ctypes.CDLL(str(library), mode=ctypes.RTLD_LOCAL)
+        if not dispatch.dnet_sgemm_dispatch_ready():
+            log.info("the sgemm dispatch is not used here (no AVX2 and FMA, or no %s)", openblas)
+            return None
+        ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)  # now ahead of OpenBLAS
     except OSError as exc:
         log.warning("could not load %s: %s", library, exc)
-        return None
-    if not dispatch.dnet_sgemm_dispatch_ready():
-        log.info("the sgemm dispatch is not used here (no AVX2 and FMA, or no %s)", openblas)
         return None
     return str(library)
 
@@ -157,6 +159,15 @@ def loaded_blas() -> str | None:
     if _loaded and _skinny:
         return f"{_loaded} + {Path(_skinny).name} (skinny products, rows <= 8)"
     return _loaded
+
+
+def skinny_calls() -> int:
+    """How many products the dispatch kernel has taken in this process (0 without it)."""
+    if _skinny is None:
+        return 0
+    count = ctypes.CDLL(_skinny).dnet_sgemm_skinny_calls
+    count.restype = ctypes.c_long
+    return int(count())
 
 
 def skinny_products_tuned() -> bool:

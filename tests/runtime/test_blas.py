@@ -17,7 +17,8 @@ PROBE = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    from dnet.runtime.blas import loaded_blas, preload_openblas, skinny_products_tuned
+    from dnet.runtime.blas import (loaded_blas, preload_openblas, skinny_calls,
+                                   skinny_products_tuned)
     preload_openblas(cache_dir=Path(sys.argv[1]))
     import mlx.core as mx
     import numpy as np
@@ -47,7 +48,8 @@ PROBE = textwrap.dedent(
         for m in range(1, 9) for i in range(m)
     )
     print(json.dumps({"blas": loaded_blas(), "tuned": skinny_products_tuned(),
-                      "error": max(errors), "batch_invariant": invariant}))
+                      "error": max(errors), "batch_invariant": invariant,
+                      "skinny_calls": skinny_calls()}))
     """
 )
 
@@ -68,7 +70,7 @@ def _probe(tmp_path, **env):
 def test_openblas_alone_computes_right(tmp_path):
     result = _probe(tmp_path, DNET_SKINNY="0")
     assert result["blas"] == find_openblas() and not result["tuned"]
-    assert result["error"] < 1e-5
+    assert result["error"] < 1e-5 and result["skinny_calls"] == 0
 
 
 @pytest.mark.skipif(find_openblas() is None, reason="no OpenBLAS on this system")
@@ -79,4 +81,7 @@ def test_skinny_products_take_the_kernel_and_stay_right(tmp_path):
     assert "sgemm_dispatch" in result["blas"]
     assert result["error"] < 1e-5
     assert result["batch_invariant"]
+    # Exactly the products of at most 8 rows against weights as stored went to the
+    # kernel: 8 shapes x 2 (plain, with a bias), then 8 rows alone and 1+2+...+8.
+    assert result["skinny_calls"] == 8 * 2 + 8 + 36
     assert list((tmp_path / "native").glob("sgemm_dispatch-*.so"))

@@ -26,6 +26,7 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 
 static sgemm_fn large_sgemm;
 static int skinny_ok;
+static long skinny_calls; /* products the kernel took, for tests and diagnostics */
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -114,6 +115,8 @@ __attribute__((constructor)) static void dnet_sgemm_dispatch_init(void) {
 /* 1 when products are forwarded and skinny ones take the kernel here. */
 int dnet_sgemm_dispatch_ready(void) { return large_sgemm != NULL && skinny_ok; }
 
+long dnet_sgemm_skinny_calls(void) { return skinny_calls; }
+
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c,
                  int ldc) {
@@ -122,6 +125,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     if (skinny_ok && order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS &&
         m >= 1 && m <= MAX_ROWS && k >= 1) {
         skinny(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        skinny_calls++;
         return;
     }
 #endif
