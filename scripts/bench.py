@@ -103,6 +103,18 @@ def _spec(args, dtype: str) -> TinySpec:
     return TinySpec(layers=args.layers, dtype=dtype, **fields)
 
 
+def _report_head(mode: str, path, args) -> dict:
+    """The fields every peer-running mode's report starts with."""
+    return {
+        "mode": mode,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "blas": loaded_blas() or "bundled reference BLAS",
+        "model": str(path),
+        "dtype": args.dtype,
+        "shape": args.shape,
+    }
+
+
 def _time_stream(tokens):
     """(time to first token, decode tokens/s, ids) of an iterator of token ids."""
     start = time.perf_counter()
@@ -354,11 +366,7 @@ def bench_ring(args) -> dict:
     ttft, dec, ref = run_mlx_lm(model, tokenizer, prompt, args.new_tokens)
     base.append({"ttft_s": ttft, "decode_tok_s": dec})
     report: dict = {
-        "mode": "ring",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "blas": loaded_blas() or "bundled reference BLAS",
-        "model": str(path),
-        "dtype": args.dtype,
+        **_report_head("ring", path, args),
         "prompt_tokens": len(prompt),
         "new_tokens": args.new_tokens,
         "rings": {},
@@ -510,11 +518,7 @@ def bench_throughput(args) -> dict:
         r["ratio_vs_mlx_lm_single"] = r["aggregate_tok_s"] / single
         r["ratio_vs_mlx_lm_batch"] = r["aggregate_tok_s"] / batched[c]["aggregate_tok_s"]
     return {
-        "mode": "throughput",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "blas": loaded_blas() or "bundled reference BLAS",
-        "model": str(path),
-        "dtype": args.dtype,
+        **_report_head("throughput", path, args),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "mlx_lm": {"single_decode_tok_s": single, "single_ttft_s": ttft, "batch": batched},
@@ -619,11 +623,7 @@ def bench_stall(args) -> dict:
     path = ensure_tiny_model(cache, _spec(args, args.dtype))
     result = _on_peers(2, args.layers, _stall_run, path, args)
     return {
-        "mode": "stall",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "blas": loaded_blas() or "bundled reference BLAS",
-        "model": str(path),
-        "dtype": args.dtype,
+        **_report_head("stall", path, args),
         "streams": args.streams,
         **result,
     }
