@@ -61,7 +61,7 @@ from dnet.protocol.messages import (
 from dnet.runtime.arrays import DTYPES
 from dnet.runtime.compute import ComputeThread
 from dnet.runtime.device_profile import DeviceRates, cached_rates, measure, measure_disk, memory
-from dnet.runtime.engine import SliceEngine, StepResult
+from dnet.runtime.engine import Chunk, SliceEngine, StepResult
 from dnet.runtime.slice import load_slice
 from dnet.sampling import SampledToken
 from dnet.tensor import HostTensor
@@ -448,19 +448,23 @@ class PeerDaemon:
         tensor = HostTensor(message.dtype, message.shape, payload)
         tokens = message.shape[1] if len(message.shape) > 1 else message.shape[0]
         started = time.perf_counter()
-        chunk = await self._compute.run(
-            lambda: engine.begin(
-                message.request_id, tensor, position=message.position, sample=message.sample
-            )
-        )
         # A prefill chunk pauses between two layers whenever decode steps wait, and
         # they run there: a long prompt holds a running batch back by about a layer.
         pause = self._queue.has_steps if tokens > 1 else None
-        while not await self._compute.run(chunk.advance, pause):
+
+        def begin() -> tuple[Chunk, bool]:  # one trip to the compute thread, not two
+            chunk = engine.begin(
+                message.request_id, tensor, position=message.position, sample=message.sample
+            )
+            return chunk, chunk.advance(pause)
+
+        chunk, done = await self._compute.run(begin)
+        while not done:
             while (work := self._queue.take_step()) is not None:
                 step, step_payload = work
                 assert isinstance(step, Step)
                 await self._step(step, step_payload)
+            done = await self._compute.run(chunk.advance, pause)
         out = chunk.output
         if tokens == 1:  # a decode step: what the solver's stage time predicts
             self._measure_step(time.perf_counter() - started, 1)
