@@ -47,6 +47,14 @@ PROBE = textwrap.dedent(
         np.array_equal(np.array(rows[:m] @ w.T)[i], alone[i][0])
         for m in range(1, 9) for i in range(m)
     )
+    # The same against a matrix as stored (attention's values): 200 columns take
+    # both kernels' widths and the scalar tail.
+    v = mx.array(rng.standard_normal((1024, 200), dtype=np.float32))
+    alone = [np.array(rows[i : i + 1] @ v) for i in range(8)]
+    invariant = invariant and all(
+        np.array_equal(np.array(rows[:m] @ v)[i], alone[i][0])
+        for m in range(1, 9) for i in range(m)
+    )
     print(json.dumps({"blas": loaded_blas(), "tuned": skinny_products_tuned(),
                       "error": max(errors), "batch_invariant": invariant,
                       "skinny_calls": skinny_calls()}))
@@ -81,7 +89,8 @@ def test_skinny_products_take_the_kernel_and_stay_right(tmp_path):
     assert "sgemm_dispatch" in result["blas"]
     assert result["error"] < 1e-5
     assert result["batch_invariant"]
-    # Exactly the products of at most 8 rows against weights as stored went to the
-    # kernel: 8 shapes x 2 (plain, with a bias), then 8 rows alone and 1+2+...+8.
-    assert result["skinny_calls"] == 8 * 2 + 8 + 36
+    # Exactly the products of at most 8 rows went to the kernels: 8 shapes x 3
+    # (plain, with a bias, against a stored transpose), then for each of the two
+    # invariance checks 8 rows alone and 1+2+...+8.
+    assert result["skinny_calls"] == 8 * 3 + 2 * (8 + 36)
     assert list((tmp_path / "native").glob("sgemm_dispatch-*.so"))
