@@ -16,7 +16,8 @@ class SamplingParams:
     ``temperature == 0`` is greedy. ``top_k == 0``, ``top_p == 1`` and ``min_p == 0``
     turn those filters off; ``repetition_penalty == 1`` turns the penalty off.
     ``seed`` makes sampling reproducible per request; ``None`` draws a fresh one.
-    ``top_logprobs`` asks for that many alternatives with each token.
+    ``logprobs`` asks for each token's log-probability (a pass over the whole
+    vocabulary per token); ``top_logprobs`` for that many alternatives with it.
 
     Raises:
         InvalidSamplingParams: a field out of its range.
@@ -30,6 +31,7 @@ class SamplingParams:
     repetition_context_size: int = 20
     seed: int | None = None
     top_logprobs: int = 0
+    logprobs: bool = False
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -64,8 +66,9 @@ class SamplingParams:
 @attrs.frozen
 class SampledToken:
     """One sampled token: its id, its log-probability under the model (before
-    filtering), and the ``top_logprobs`` most likely alternatives as (id, logprob)."""
+    filtering; ``None`` unless the request asked for logprobs), and the
+    ``top_logprobs`` most likely alternatives as (id, logprob)."""
 
     token_id: int
-    logprob: float
+    logprob: float | None
     top_logprobs: tuple[tuple[int, float], ...] = ()

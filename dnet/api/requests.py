@@ -137,7 +137,7 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def _sampling(body: dict[str, Any], top_logprobs: int) -> SamplingParams:
+def _sampling(body: dict[str, Any], logprobs: bool, top_logprobs: int) -> SamplingParams:
     top_k = _integer(body, "top_k", -1)
     try:
         return SamplingParams(
@@ -148,12 +148,13 @@ def _sampling(body: dict[str, Any], top_logprobs: int) -> SamplingParams:
             repetition_penalty=_number(body, "repetition_penalty", 0.0, 10.0, 1.0),
             seed=_integer(body, "seed", 0, 2**63 - 1),
             top_logprobs=top_logprobs,
+            logprobs=logprobs,
         )
     except InvalidSamplingParams as exc:
         raise InvalidRequest(exc.message, None, "invalid_value") from None
 
 
-def _common(body: dict[str, Any], top_logprobs: int) -> dict[str, Any]:
+def _common(body: dict[str, Any], logprobs: bool, top_logprobs: int) -> dict[str, Any]:
     _refuse_unsupported(body)
     model = _typed(body, "model", str, "a string")
     if not model:
@@ -169,7 +170,7 @@ def _common(body: dict[str, Any], top_logprobs: int) -> dict[str, Any]:
             raise InvalidRequest("'stream_options' must be an object", "stream_options")
     return {
         "model": model,
-        "params": _sampling(body, top_logprobs),
+        "params": _sampling(body, logprobs, top_logprobs),
         "stop": _stop(body),
         "stream": stream,
         "include_usage": bool(options and _flag(options, "include_usage")),
@@ -230,7 +231,7 @@ def parse_chat(body: dict[str, Any]) -> GenerationRequest:
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1)
     return GenerationRequest(
-        **_common(body, top or 0),
+        **_common(body, logprobs, top or 0),
         max_tokens=max_tokens,
         logprobs=logprobs,
         top_logprobs=top or 0,
@@ -259,7 +260,7 @@ def parse_completion(body: dict[str, Any]) -> GenerationRequest:
         )
     top = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
     return GenerationRequest(
-        **_common(body, top or 0),
+        **_common(body, top is not None, top or 0),
         max_tokens=_integer(body, "max_tokens", 1) or 16,  # OpenAI's default here
         logprobs=top is not None,
         top_logprobs=top or 0,

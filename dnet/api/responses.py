@@ -25,7 +25,7 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
-def _token_entry(token_bytes: TokenBytes, token_id: int, logprob: float) -> dict[str, Any]:
+def _token_entry(token_bytes: TokenBytes, token_id: int, logprob: float | None) -> dict[str, Any]:
     raw = token_bytes(token_id)
     return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
 

@@ -64,7 +64,7 @@ class GenerationEvent:
     index: int
     token_id: int
     text: str
-    logprob: float
+    logprob: float | None  # None unless the request asked for logprobs
     top_logprobs: tuple[tuple[int, float], ...] = ()
     finish_reason: str | None = None
 

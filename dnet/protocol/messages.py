@@ -215,7 +215,7 @@ class Step:
 class Token:
     request_id: str
     token_id: int
-    logprob: float
+    logprob: float | None  # None unless the request asked for logprobs
     top_logprobs: tuple[tuple[int, float], ...] = ()
     finish_reason: str | None = None  # "stop" (a stop token) | "length" | None
     index: int = 0  # 0 for the first generated token

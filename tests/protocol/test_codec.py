@@ -58,7 +58,7 @@ def _messages():
             Token,
             request_id=texts,
             token_id=ints,
-            logprob=floats,
+            logprob=st.none() | floats,
             top_logprobs=st.lists(st.tuples(ints, floats), max_size=3).map(tuple),
             finish_reason=st.none() | st.sampled_from(["stop", "length"]),
             index=ints,

@@ -16,7 +16,7 @@ from dnet.runtime.engine import SliceEngine
 from dnet.runtime.local import generate, load_chain
 from dnet.runtime.model_dir import open_model_dir
 from dnet.runtime.slice import load_slice
-from dnet.sampling import SampledToken
+from dnet.sampling import SampledToken, SamplingParams
 from dnet.tensor import HostTensor
 
 
@@ -85,7 +85,7 @@ def test_trim_then_regenerate_matches(chain):
     first, last = chain
     prompt = [5, 17, 33, 250, 7, 91]
     for e in chain:
-        e.start("r")
+        e.start("r", SamplingParams(logprobs=True))
     x = first.run("r", prompt[:-1])
     last.run("r", x, sample=False)
     x = first.run("r", prompt[-1:])

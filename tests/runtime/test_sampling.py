@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
@@ -12,6 +13,7 @@ from mlx_lm.generate import generate_step
 from dnet.errors import InvalidSamplingParams
 from dnet.runtime.local import generate, load_chain
 from dnet.runtime.model_dir import open_model_dir
+from dnet.runtime.sampler import RequestSampler, clear_argmax
 from dnet.sampling import SamplingParams
 
 N = 32
@@ -162,3 +164,57 @@ def test_logprobs_match_mlx_lm(setup):
 def test_invalid_params_are_refused(bad):
     with pytest.raises(InvalidSamplingParams):
         SamplingParams(**bad)
+
+
+def _mlx_lm_greedy(logits):
+    return int(mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1).item())
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_greedy_without_logprobs_picks_mlx_lm_token(dtype):
+    """The raw argmax is taken only where it provably is mlx_lm's token; near-ties
+    go through the normalised logits. Both paths must be taken here."""
+    rng = mx.random.key(0)
+    fast = slow = 0
+    for i in range(150):
+        rng, k1, k2 = mx.random.split(rng, 3)
+        vocab = [50, 3000, 151936][i % 3]
+        scale = [0.01, 1.0, 8.0][(i // 3) % 3]
+        logits = (mx.random.normal((1, vocab), key=k1) * scale).astype(dtype)
+        if i % 5 == 0:  # a near-tie: the runner-up one step below the best
+            best = int(mx.argmax(logits).item())
+            other = (best + 1 + int(mx.random.randint(0, vocab - 1, key=k2).item())) % vocab
+            below = mx.array(np.nextafter(np.float32(logits[0, best].item()), -np.inf))
+            logits[0, other] = below.astype(dtype)
+        sampler = RequestSampler(SamplingParams(), [])
+        token = sampler.sample(logits)
+        assert token.token_id == _mlx_lm_greedy(logits)
+        assert token.logprob is None
+        if clear_argmax(logits) is None:
+            slow += 1
+        else:
+            fast += 1
+    assert fast > 0 and slow > 0
+
+
+def test_greedy_near_tie_follows_mlx_lm_not_the_raw_argmax():
+    # bfloat16: 1000 runners-up just under the best. The normalised values round
+    # together, and mlx_lm picks the first of them; the raw argmax would not.
+    values = np.full((1, 1001), -20.0, dtype=np.float32)
+    values[0, :1000] = 0.99609375
+    values[0, 1000] = 1.0
+    logits = mx.array(values).astype(mx.bfloat16)
+    assert int(mx.argmax(logits).item()) == 1000
+    want = _mlx_lm_greedy(logits)
+    assert want != 1000, "test needs a case where rounding changes the argmax"
+    assert clear_argmax(logits) is None
+    assert RequestSampler(SamplingParams(), []).sample(logits).token_id == want
+
+
+def test_logprobs_only_when_asked(setup):
+    _, prompt, chain = setup
+    plain = run(chain, prompt, n=4)
+    asked = run(chain, prompt, n=4, logprobs=True)
+    assert ids(plain) == ids(asked)
+    assert all(t.logprob is None for t in plain)
+    assert all(t.logprob is not None and t.logprob <= 0 for t in asked)
