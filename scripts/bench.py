@@ -5,12 +5,15 @@
                              [--new-tokens 32] [--repeats 2] [--layers 28]
     scripts/bench.py ring [--peers 1 2 3] [--dtype float32] [--prompt-tokens 512]
     scripts/bench.py throughput [--concurrency 1 2 4 8] [--dtype float32]
+                                [--prompt-tokens 64] [--new-tokens 128]
     scripts/bench.py stall [--streams 3] [--long-prompt 1024] [--chunk 256]
 
 Every mode takes ``--shape qwen3-0.6b|qwen3-4b|qwen3-8b`` (default qwen3-0.6b, the
 shape every CPU figure uses) and ``--layers`` (default: the shape's).
 
-``throughput``: 1, 2, 4 and 8 concurrent streams on a 2-peer loopback ring:
+``throughput``: 1, 2, 4 and 8 concurrent streams on a 2-peer loopback ring (64-token
+prompts, 128 new tokens each: about a short chat answer; with only a few new
+tokens, prompts' prefill dominates, and it is compute-bound whatever the batch):
 aggregate tokens/s, per-stream decode tokens/s, time to first token p50/p90, as
 ratios against one stream, single-process ``mlx_lm`` and ``mlx_lm``'s
 ``batch_generate`` measured in the same run; and mlx_lm's decode against the memory
@@ -667,7 +670,7 @@ def main() -> int:
     t.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8])
     t.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     t.add_argument("--prompt-tokens", type=int, default=64)
-    t.add_argument("--new-tokens", type=int, default=24)
+    t.add_argument("--new-tokens", type=int, default=128)
     t.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
     t.add_argument("--layers", type=int, help="default: the shape's")
     t.add_argument("--out", help="also write the JSON report here")
