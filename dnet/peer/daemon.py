@@ -15,6 +15,7 @@ import math
 import tempfile
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,30 @@ FOLLOW_TIMEOUT_S = 120.0  # the next peer may still be reading its weights
 REQUEST_WORK = (StartRequest, Activation, Step, EndRequest, Cancel)
 
 
+# How long a prefill chunk runs its layers before it lets waiting decode steps in.
+# Each decode step costs a pass over the weights whatever its rows; yielding after
+# every layer made a ring of 2 CPU peers run many 1-row steps while later prompts
+# prefilled (a 64-token prompt's chunk is ~50 ms a layer on the 0.6B shape, a
+# 256-token one ~175 ms).
+PREFILL_SLICE_S = 0.25
+
+
+class _Pause:
+    """A chunk's ``pause``: decode steps wait, and the chunk has run its layers for
+    at least ``slice_s`` since ``restart``. Called on the compute thread."""
+
+    def __init__(self, waiting: Callable[[], bool], slice_s: float) -> None:
+        self._waiting = waiting
+        self._slice_s = slice_s
+        self._since = time.perf_counter()
+
+    def restart(self) -> None:
+        self._since = time.perf_counter()
+
+    def __call__(self) -> bool:
+        return self._waiting() and time.perf_counter() - self._since >= self._slice_s
+
+
 @attrs.define
 class _Meta:
     """What the last slice needs to know to finish a request."""
@@ -117,6 +142,7 @@ class PeerDaemon:
         self._step_rows = 0.0  # moving average of the requests in a decode step
         self.step_sizes: Counter[int] = Counter()  # decode steps run, by rows
         self._queue = WorkQueue()
+        self.prefill_slice_s = PREFILL_SLICE_S
         self._held: list[tuple[Activation, bytes]] = []  # prefill outputs behind a step
         self._out_send, self._out_receive = trio.open_memory_channel[tuple[str, Message, bytes]](
             math.inf
@@ -448,14 +474,17 @@ class PeerDaemon:
         tensor = HostTensor(message.dtype, message.shape, payload)
         tokens = message.shape[1] if len(message.shape) > 1 else message.shape[0]
         started = time.perf_counter()
-        # A prefill chunk pauses between two layers whenever decode steps wait, and
-        # they run there: a long prompt holds a running batch back by about a layer.
-        pause = self._queue.has_steps if tokens > 1 else None
+        # A prefill chunk pauses between two layers when decode steps wait and it has
+        # run for PREFILL_SLICE_S since it (re)started, and they run there: a long
+        # prompt holds a running batch back by about that long.
+        pause = _Pause(self._queue.has_steps, self.prefill_slice_s) if tokens > 1 else None
 
         def begin() -> tuple[Chunk, bool]:  # one trip to the compute thread, not two
             chunk = engine.begin(
                 message.request_id, tensor, position=message.position, sample=message.sample
             )
+            if pause is not None:
+                pause.restart()
             return chunk, chunk.advance(pause)
 
         chunk, done = await self._compute.run(begin)
@@ -464,6 +493,8 @@ class PeerDaemon:
                 step, step_payload = work
                 assert isinstance(step, Step)
                 await self._step(step, step_payload)
+            assert pause is not None
+            pause.restart()
             done = await self._compute.run(chunk.advance, pause)
         out = chunk.output
         if tokens == 1:  # a decode step: what the solver's stage time predicts

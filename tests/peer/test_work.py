@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 
@@ -91,3 +93,19 @@ def test_a_paused_chunk_takes_the_waiting_steps_out_of_turn():
     # A step ran last: the next chunk is next.
     q.put(_step(2))
     assert [type(m).__name__ for m in _drain(q)] == ["Activation", "Step"]
+
+
+def test_a_chunk_pauses_for_steps_only_after_its_slice():
+    from dnet.peer.daemon import _Pause
+
+    waiting = [True]
+    pause = _Pause(lambda: waiting[0], 0.05)
+    assert not pause()  # steps wait, but the chunk has only just started
+    time.sleep(0.06)
+    assert pause()
+    waiting[0] = False
+    assert not pause()  # nothing waits
+    waiting[0] = True
+    pause.restart()  # after the steps ran, the chunk gets a full slice again
+    assert not pause()
+    assert _Pause(lambda: True, 0.0)()  # a zero slice: every layer, as before
