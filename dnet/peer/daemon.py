@@ -483,8 +483,6 @@ class PeerDaemon:
             chunk = engine.begin(
                 message.request_id, tensor, position=message.position, sample=message.sample
             )
-            if pause is not None:
-                pause.restart()
             return chunk, chunk.advance(pause)
 
         chunk, done = await self._compute.run(begin)

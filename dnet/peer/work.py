@@ -2,8 +2,9 @@
 
 Ends and cancels go first (they free memory and drop the request's queued prefill).
 Decode steps and prefill chunks take turns when both wait, and a peer running a
-chunk lets waiting steps through between two of its layers (``take_step``), so a
-long prompt holds a running batch back by about one layer, and a busy ring still
+chunk lets waiting steps through between two of its layers (``take_step``, once the
+chunk has had its time slice: ``dnet.peer.daemon.PREFILL_SLICE_S``), so a long
+prompt holds a running batch back by about that slice, and a busy ring still
 prefills. Work of one
 request keeps its order: its ``StartRequest`` and chunks share one FIFO, and its
 decode steps start only after its prefill has come back as a token.
