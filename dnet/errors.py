@@ -43,6 +43,12 @@ class TensorShapeMismatch(InvalidModel):
     code = "tensor_shape_mismatch"
 
 
+class UnsupportedTensorType(InvalidModel):
+    """A GGUF tensor of a type dnet cannot load (K-quants, IQ types...)."""
+
+    code = "unsupported_tensor_type"
+
+
 class LayerRangeError(DnetError):
     """A layer range is empty or outside ``[0, num_layers]``."""
 

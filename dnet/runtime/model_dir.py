@@ -1,13 +1,16 @@
-"""Model directories: resolve a reference, read ``config.json`` and the tensor index.
+"""Models on disk: resolve a reference, read its config and tensor index.
 
-Nothing here reads tensor data: safetensors headers tell which file holds which
-tensor, so a slice opens only the files it needs.
+A model is an HF-format directory (``config.json``, safetensors) or a GGUF file
+(its metadata implies the config). Nothing here reads tensor data: safetensors
+and GGUF headers tell where each tensor lives, so a slice reads only its own.
+Imports no mlx (the head opens models too).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,10 @@ from typing import Any
 import attrs
 
 from dnet.errors import InvalidModel, ModelNotFound
+from dnet.runtime.gguf import BLOCKS, GROUP_SIZE, QUANT_BITS, is_gguf, read_header
+from dnet.runtime.gguf_model import hf_name, model_config
+from dnet.runtime.gguf_tokenizer import check_tokenizer
+from dnet.runtime.packaged import find_packaged
 
 log = logging.getLogger(__name__)
 
@@ -23,21 +30,27 @@ INDEX_FILE = "model.safetensors.index.json"
 
 @attrs.frozen
 class TensorInfo:
-    """Where a tensor lives and what it is, from a safetensors header."""
+    """Where a tensor lives and what it is, from a safetensors or GGUF header.
+
+    ``dtype`` is the stored type (``BF16``, ``U32``; GGUF's ``Q4_1``...), ``shape``
+    the logical one (a GGUF quantized matrix's weights, not its blocks), ``nbytes``
+    what it occupies in memory once loaded. GGUF tensors carry their ``offset``."""
 
     file: Path
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    offset: int | None = None
 
 
 @attrs.frozen
 class ModelDir:
-    """A readable HF-format model directory."""
+    """A readable model: an HF-format directory, or a GGUF file (``format``)."""
 
     path: Path
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
+    format: str = "safetensors"
 
     @property
     def model_type(self) -> str:
@@ -52,38 +65,77 @@ class ModelDir:
         return self.path.name
 
     @property
+    def is_gguf(self) -> bool:
+        return self.format == "gguf"
+
+    @property
     def weight_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
 
 def resolve_model(ref: str | Path, hf_cache_dir: Path | None = None) -> Path:
-    """Turn a model reference into a local directory, never downloading.
+    """Turn a model reference into a local model, never downloading.
 
-    ``ref`` is a local directory, or a Hugging Face repo id (``org/name``) that is
-    already in the HF cache (``hf_cache_dir``, else huggingface_hub's default; see
-    ``download_model`` for the explicit fetch).
+    ``ref`` is a packaged model's short name (``smollm2-135m``), a local directory
+    (with a ``config.json``, or holding one GGUF file), a ``.gguf`` file, or a
+    Hugging Face repo id (``org/name``, or ``org/name/file.gguf`` for one file of a
+    repo of several) already in the HF cache (``hf_cache_dir``, else
+    huggingface_hub's default; see ``download_model`` for the explicit fetch).
+    Returns a directory or a GGUF file.
 
     Raises:
-        ModelNotFound: neither a directory with a ``config.json`` nor a cached repo.
+        ModelNotFound: none of those, or a packaged model whose package is missing.
+        InvalidModel: a directory holding several GGUF files and no config.
     """
+    packaged = find_packaged(str(ref))
+    if packaged is not None:
+        return packaged
     path = Path(ref).expanduser()
+    if path.is_file():
+        if is_gguf(path):
+            return path.resolve()
+        raise ModelNotFound(f"{path} is a file but not a GGUF model")
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFound(f"{path} has no config.json; not a model directory")
-        return path.resolve()
+        return _model_in(path)
     text = str(ref)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    parts = text.split("/")
+    repo_like = not text.startswith((".", "/", "~")) and all(parts)
+    if repo_like and (len(parts) == 2 or (len(parts) == 3 and text.endswith(".gguf"))):
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
 
+        repo = "/".join(parts[:2])
+        patterns = [parts[2]] if len(parts) == 3 else None
         try:
-            return Path(snapshot_download(text, local_files_only=True, cache_dir=hf_cache_dir))
+            snapshot = Path(
+                snapshot_download(
+                    repo, local_files_only=True, cache_dir=hf_cache_dir, allow_patterns=patterns
+                )
+            )
         except (LocalEntryNotFoundError, OSError, ValueError) as exc:
             raise ModelNotFound(
                 f"{text!r} is not a local directory and not in the Hugging Face cache; "
-                f"download it first (scripts/download_model.py {text})"
+                f"download it first (scripts/download_model.py {repo})"
             ) from exc
+        if len(parts) == 3:
+            if not (snapshot / parts[2]).is_file():
+                raise ModelNotFound(f"the cached {repo} has no {parts[2]}")
+            return (snapshot / parts[2]).resolve()
+        return _model_in(snapshot)
     raise ModelNotFound(f"no model directory at {path}")
+
+
+def _model_in(path: Path) -> Path:
+    """The model a directory holds: itself (``config.json``), or its one GGUF file."""
+    if (path / "config.json").is_file():
+        return path.resolve()
+    ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
+    if len(ggufs) == 1:
+        return ggufs[0].resolve()
+    if not ggufs:
+        raise ModelNotFound(f"{path} has no config.json and no .gguf file; not a model")
+    shown = ", ".join(p.name for p in ggufs[:6]) + (" ..." if len(ggufs) > 6 else "")
+    raise InvalidModel(f"{path} holds {len(ggufs)} GGUF files ({shown}): name one of them")
 
 
 def download_model(repo_id: str, revision: str | None = None) -> Path:
@@ -124,6 +176,8 @@ def open_model_dir(ref: str | Path, hf_cache_dir: Path | None = None) -> ModelDi
         InvalidModel: unreadable config, no weights, or an index naming missing files.
     """
     path = resolve_model(ref, hf_cache_dir)
+    if path.is_file():
+        return open_gguf(path)
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
@@ -149,3 +203,32 @@ def open_model_dir(ref: str | Path, hf_cache_dir: Path | None = None) -> ModelDi
             raise InvalidModel(f"{index} names {file.name}, which is missing")
         tensors.update(read_safetensors_header(file))
     return ModelDir(path, config, tensors)
+
+
+def open_gguf(path: Path) -> ModelDir:
+    """A GGUF file as a ``ModelDir``: the config its metadata implies, and its
+    tensors under their Hugging Face names.
+
+    Raises:
+        InvalidModel (a tokenizer dnet cannot build too), UnsupportedTensorType,
+        UnsupportedArchitecture
+    """
+    header = read_header(path)
+    config = model_config(header)
+    check_tokenizer(header)  # refused here, before any peer loads a layer
+    tensors: dict[str, TensorInfo] = {}
+    for t in header.tensors.values():
+        name = hf_name(t.name)
+        if name is None or t.type not in BLOCKS:
+            continue  # model_config refused what matters; rope factors are not weights
+        tensors[name] = TensorInfo(path, t.type, t.shape, _loaded_nbytes(t.type, t.shape), t.offset)
+    return ModelDir(path, config, tensors, format="gguf")
+
+
+def _loaded_nbytes(kind: str, shape: tuple[int, ...]) -> int:
+    """Bytes of an MLX array (packed weights, float16 scales and biases) for a
+    GGUF tensor."""
+    count = math.prod(shape)
+    if kind in QUANT_BITS:
+        return count * QUANT_BITS[kind] // 8 + count // GROUP_SIZE * 4
+    return count * (4 if kind == "F32" else 2)

@@ -1,4 +1,4 @@
-"""A model's costs from ``config.json`` and safetensors headers; no weights read.
+"""A model's costs from its config and safetensors or GGUF headers; no weights read.
 
 Lives beside ``model_dir`` (I/O) and feeds ``dnet.solver`` (pure). Imports no mlx.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from dnet.runtime.gguf import GROUP_SIZE, QUANT_BITS
 from dnet.runtime.model_dir import ModelDir, TensorInfo
 from dnet.solver.profiles import ModelProfile
 
@@ -19,6 +20,8 @@ def _params(name: str, info: TensorInfo, bits: int | None) -> int:
     if name.endswith((".scales", ".biases")) and bits:
         return 0
     count = math.prod(info.shape)
+    if info.dtype in QUANT_BITS:  # a GGUF quantized matrix: its shape counts weights
+        return count
     if info.dtype == "U32" and bits:
         count = count * 32 // bits
     return count
@@ -30,7 +33,11 @@ def model_profile(model: ModelDir, compute_dtype: str | None = None) -> ModelPro
     widen = compute_dtype == "float32"
 
     def nbytes(info: TensorInfo) -> int:
-        return info.nbytes * 2 if widen and info.dtype in ("F16", "BF16") else info.nbytes
+        if widen and info.dtype in ("F16", "BF16"):
+            return info.nbytes * 2
+        if widen and info.dtype in QUANT_BITS:  # its float16 scales and biases widen
+            return info.nbytes + math.prod(info.shape) // GROUP_SIZE * 4
+        return info.nbytes
 
     config = model.config
     n = model.num_layers

@@ -219,6 +219,10 @@ def _owned_prefixes(start: int, end: int, first: bool, last: bool, tied: bool) -
 
 
 def _read_tensors(model: ModelDir, names: list[str]) -> dict[str, mx.array]:
+    if model.is_gguf:
+        from dnet.runtime.gguf_tensors import read_tensors
+
+        return read_tensors(model, names)
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(model.tensors[name].file, []).append(name)

@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten
 
 from dnet.runtime.architectures import model_classes
 
-ARCHES = ("qwen3", "deepseek_v2", "llama")
+ARCHES = ("qwen3", "qwen2", "deepseek_v2", "llama")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -119,6 +119,14 @@ def _config(spec: TinySpec, vocab: int, eos: int, bos: int) -> dict[str, Any]:
             "architectures": ["Qwen3ForCausalLM"],
             "num_key_value_heads": spec.kv_heads or 2,
             "head_dim": spec.head_dim or h // heads,
+            "intermediate_size": spec.intermediate or 2 * h,
+            "tie_word_embeddings": True if spec.tie_embeddings is None else spec.tie_embeddings,
+            "rope_theta": 1000000.0,
+        }
+    elif spec.arch == "qwen2":
+        common |= {
+            "architectures": ["Qwen2ForCausalLM"],
+            "num_key_value_heads": spec.kv_heads or 2,
             "intermediate_size": spec.intermediate or 2 * h,
             "tie_word_embeddings": True if spec.tie_embeddings is None else spec.tie_embeddings,
             "rope_theta": 1000000.0,

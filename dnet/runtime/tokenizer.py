@@ -10,21 +10,42 @@ from mlx_lm.tokenizer_utils import _byte_decoder as _gpt2_byte_decoder
 from mlx_lm.utils import load_tokenizer as _load_tokenizer
 
 from dnet.errors import InvalidModel
+from dnet.runtime.gguf import read_header
+from dnet.runtime.gguf_tokenizer import build_tokenizer, special_tokens
 
 # GPT-2's printable stand-ins for bytes, as mlx_lm's BPE detokenizer reads them.
 _BYTE_DECODER: dict[str, int] = _gpt2_byte_decoder()
 
 
 def load_tokenizer(path: str | Path, eos_token_ids: Any = None) -> TokenizerWrapper:
-    """The tokenizer of a local model directory, wrapped with a streaming detokenizer.
+    """The tokenizer of a local model directory or GGUF file, wrapped with a
+    streaming detokenizer.
 
     Raises:
-        InvalidModel: the directory has no usable tokenizer.
+        InvalidModel: the model has no usable tokenizer.
     """
+    path = Path(path)
+    if path.is_file():
+        return _gguf_tokenizer(path, eos_token_ids)
     try:
-        return _load_tokenizer(Path(path), eos_token_ids=eos_token_ids)
+        return _load_tokenizer(path, eos_token_ids=eos_token_ids)
     except (OSError, ValueError, TypeError) as exc:
         raise InvalidModel(f"cannot load the tokenizer of {path}: {exc}") from exc
+
+
+def _gguf_tokenizer(path: Path, eos_token_ids: Any) -> TokenizerWrapper:
+    from transformers import PreTrainedTokenizerFast
+
+    header = read_header(path, vocab=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer(header),
+        chat_template=header.metadata.get("tokenizer.chat_template"),
+        clean_up_tokenization_spaces=False,
+        **special_tokens(header),
+    )
+    if isinstance(eos_token_ids, int):
+        eos_token_ids = [eos_token_ids]
+    return TokenizerWrapper(tokenizer, BPEStreamingDetokenizer, eos_token_ids=eos_token_ids)
 
 
 def chat_prompt(tokenizer: TokenizerWrapper, messages: list[dict[str, str]]) -> list[int]:

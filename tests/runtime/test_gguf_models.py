@@ -1,0 +1,95 @@
+"""GGUF models run as slices give mlx_lm's tokens: against the same weights saved
+as safetensors, and against a model built from ``mx.load``'s own reading of the
+GGUF file (llama's rotary rows left as llama.cpp stored them)."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+
+from dnet.runtime.local import generate, load_chain
+from dnet.runtime.model_dir import open_model_dir
+from dnet.runtime.model_profile import model_profile
+from dnet.runtime.slice import load_slice
+from dnet.runtime.tokenizer import chat_prompt, load_tokenizer
+
+from .gguf_files import reference_model, write_gguf
+from .test_parity import reference_tokens
+
+NEW = 24
+CUTS = [(0, 1), (1, 3)]
+
+
+def _dnet_tokens(path, prompt, compute_dtype=None) -> list[int]:
+    engines = load_chain(open_model_dir(path), CUTS, compute_dtype=compute_dtype)
+    return [t.token_id for t in generate(engines, prompt, NEW, prefill_chunk=5)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_a_float_gguf_matches_its_safetensors_through_mlx_lm(tiny_model, tmp_path, arch):
+    source = tiny_model(arch=arch, layers=3)
+    path = write_gguf(source, tmp_path / f"{arch}.gguf", "F32")
+    model, tokenizer = load(str(source))
+    prompt = chat_prompt(tokenizer, [{"role": "user", "content": "Tell me about foxes."}])
+    # The GGUF's own tokenizer and template give the same prompt.
+    assert (
+        chat_prompt(load_tokenizer(path), [{"role": "user", "content": "Tell me about foxes."}])
+        == prompt
+    )
+    expected = reference_tokens(model, prompt, NEW)
+    assert len(set(expected)) >= 4, expected
+    assert _dnet_tokens(path, prompt) == expected
+
+
+@pytest.mark.parametrize(
+    ("arch", "kind", "embed"),
+    [
+        ("llama", "Q4_1", "Q8_0"),  # SmolLM2's mix
+        ("llama", "Q4_0", None),
+        ("llama", "F16", None),
+        ("qwen2", "Q8_0", None),
+        ("qwen3", "BF16", "Q4_0"),
+        ("qwen3", "Q4_1", None),
+    ],
+)
+def test_each_type_and_architecture_matches_mlx_loads_reading(
+    tiny_model, tmp_path, arch, kind, embed
+):
+    source = tiny_model(arch=arch, layers=3)
+    path = write_gguf(source, tmp_path / f"{arch}-{kind}.gguf", kind, embed_kind=embed)
+    config = json.loads((source / "config.json").read_text())
+    tokenizer = load_tokenizer(path)
+    prompt = chat_prompt(tokenizer, [{"role": "user", "content": "A story, please."}])
+    expected = reference_tokens(reference_model(path, config), prompt, NEW)
+    assert len(set(expected)) >= 4, expected
+    assert _dnet_tokens(path, prompt) == expected
+
+
+def test_compute_dtype_float32_widens_a_quantized_gguf_as_mlx_lm_would(tiny_model, tmp_path):
+    source = tiny_model(arch="llama", layers=3)
+    path = write_gguf(source, tmp_path / "q.gguf", "Q4_1", embed_kind="Q8_0")
+    config = json.loads((source / "config.json").read_text())
+    reference = reference_model(path, config)
+    reference.set_dtype(mx.float32)
+    prompt = chat_prompt(load_tokenizer(path), [{"role": "user", "content": "Hi!"}])
+    assert _dnet_tokens(path, prompt, "float32") == reference_tokens(reference, prompt, NEW)
+    owned = load_slice(open_model_dir(path), 0, 3, compute_dtype="float32")
+    scales = owned.layers[0].self_attn.q_proj.scales
+    assert scales.dtype == mx.float32
+
+
+def test_the_profile_comes_from_the_header_and_matches_what_loads(tiny_model, tmp_path):
+    path = write_gguf(
+        tiny_model(arch="llama", layers=3), tmp_path / "q.gguf", "Q4_1", embed_kind="Q8_0"
+    )
+    info = open_model_dir(path)
+    for compute_dtype in (None, "float32"):
+        profile = model_profile(info, compute_dtype)
+        assert not profile.tied_embeddings and profile.activation_bytes == 4 * 64
+        owned = load_slice(info, 1, 2, compute_dtype=compute_dtype)
+        assert owned.weight_bytes == profile.layer_bytes[1]
+        head = load_slice(info, 2, 3, compute_dtype=compute_dtype)
+        assert head.weight_bytes == profile.layer_bytes[2] + profile.head_bytes + profile.norm_bytes
