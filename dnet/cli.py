@@ -23,7 +23,7 @@ def _generate_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model",
-        help="model directory or cached HF repo id (default: the bundled tiny demo model)",
+        help="model directory, .gguf file, cached HF repo id, or smollm2-135m (the default)",
     )
     p.add_argument("--slices", type=int, help="how many slices to cut the model into (default 2)")
     p.add_argument("--prompt", help="the user message")
@@ -58,19 +58,11 @@ def _generate(settings: GenerateSettings) -> int:
     from dnet.runtime.blas import loaded_blas
     from dnet.runtime.local import even_cuts, generate, load_chain
     from dnet.runtime.model_dir import open_model_dir
-    from dnet.runtime.tiny import DEMO_SPEC, ensure_tiny_model
+    from dnet.demo import demo_model
     from dnet.runtime.tokenizer import chat_prompt, load_tokenizer
     from dnet.sampling import SamplingParams
 
-    if settings.model is None:
-        path = ensure_tiny_model(settings.cache_dir / "models", DEMO_SPEC)
-        print(
-            f"using the bundled tiny demo model (random weights: expect gibberish) at {path}",
-            file=sys.stderr,
-        )
-        model = open_model_dir(path)
-    else:
-        model = open_model_dir(settings.model)
+    model = open_model_dir(demo_model(settings.model, settings.cache_dir))
     params = SamplingParams(
         temperature=settings.temperature,
         top_p=settings.top_p,
@@ -146,15 +138,36 @@ def _peer_parser() -> argparse.ArgumentParser:
         "--cluster-key-file", help="file holding the cluster key (hex); DNET_CLUSTER_KEY also works"
     )
     p.add_argument("--no-mdns", action="store_true", help="do not advertise over mDNS")
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        type=_size_arg,
+        help="memory this peer offers for a model's weights and KV cache, e.g. 512MiB or "
+        "2GiB (DNET_MAX_MEMORY; default: what the machine has free)",
+    )
     p.add_argument("--no-openblas", action="store_true", help="keep MLX's bundled BLAS")
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
     return p
 
 
+def _size_arg(text: str) -> str:
+    from dnet.config import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def peer_main(argv: list[str] | None = None) -> int:
     from dnet.config import PeerSettings
 
-    settings = PeerSettings.from_args(_peer_parser().parse_args(argv))
+    try:
+        settings = PeerSettings.from_args(_peer_parser().parse_args(argv))
+    except ValueError as exc:  # DNET_MAX_MEMORY that is not a size
+        print(f"dnet-peer: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -164,6 +177,9 @@ def peer_main(argv: list[str] | None = None) -> int:
         preload_openblas(
             settings.openblas_thread_timeout, cache_dir=default_cache_dir(os.environ) / "native"
         )
+    from dnet.runtime.device_profile import return_large_frees
+
+    return_large_frees()  # a peer's footprint is what it holds, not what it read through
     import trio
 
     from dnet.identity import load_cluster_key, load_identity
@@ -210,12 +226,14 @@ async def _run_peer(settings: object, identity: object, key: bytes) -> None:
                 name=settings.name,
                 request_idle_timeout_s=settings.request_idle_timeout_s,
                 state_dir=settings.state_dir,
+                max_memory=settings.max_memory,
             )
             port = await nursery.start(daemon.run, settings.host, settings.port)
             host = f"[{settings.host}]" if ":" in settings.host else settings.host
+            budget = f" max-memory={settings.max_memory}" if settings.max_memory else ""
             print(
                 f"dnet-peer listening ws://{host}:{port}{WS_PATH} peer-id={identity.peer_id} "
-                f"name={settings.name}",
+                f"name={settings.name}{budget}",
                 flush=True,
             )
             if settings.mdns:

@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--demo",
         action="store_true",
-        help="start two local peers with the tiny demo model loaded (stopped on exit)",
+        help="start two local peers that split a model (default: SmolLM2-135M-Instruct) "
+        "and load it (peers stopped on exit)",
     )
     p.add_argument("--connect", metavar="URL", help="attach the dashboard to a running head")
     p.add_argument("--http-host", help="API address (default 127.0.0.1)")
@@ -53,7 +54,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="IPV4",
         help="browse mDNS on this address (repeatable; default: every non-loopback IPv4)",
     )
-    p.add_argument("--model", help="prepare and load this model (directory or HF repo id) at start")
+    p.add_argument(
+        "--model",
+        help="prepare and load this model at start: a directory, a .gguf file, a cached HF "
+        "repo id, or smollm2-135m",
+    )
     p.add_argument(
         "--state-dir", help="where the head's identity lives (default ~/.local/state/dnet)"
     )
@@ -177,10 +182,12 @@ def _demo(settings: ConsoleSettings) -> int:
     if settings.http_port == 8080 and not port_is_free(settings.http_host, 8080):
         settings = attrs.evolve(settings, http_port=0)
     try:
-        with open_demo(root, default_cache_dir(os.environ)) as demo:
+        with open_demo(
+            root, default_cache_dir(os.environ), model=settings.model, context=settings.context
+        ) as demo:
             demo_settings = attrs.evolve(
                 settings,
-                model=settings.model or str(demo.model),
+                model=demo.model,
                 mdns=False,
                 state_dir=root,
             )

@@ -6,12 +6,35 @@ This is the only module that reads the environment.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``512MiB``, ``2GiB``, ``1.5G``, ``800MB`` or ``1048576``: binary
+    units for ``KiB``/``MiB``/``GiB`` and bare ``K``/``M``/``G``, decimal for
+    ``KB``/``MB``/``GB``.
+
+    Raises:
+        ValueError: not a positive size.
+    """
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size (e.g. 512MiB, 2GiB, 1.5G)")
+    number, unit, binary, byte = match.groups()
+    power = "kmgt".find(unit.lower()) + 1 if unit else 0
+    base = 1000 if unit and byte and not binary else 1024
+    size = int(float(number) * base**power)
+    if size <= 0:
+        raise ValueError(f"{text!r} is not a positive size")
+    return size
 
 
 def default_cache_dir(env: Mapping[str, str]) -> Path:
@@ -80,6 +103,7 @@ class PeerSettings:
     cluster_key: str | None = None  # DNET_CLUSTER_KEY
     mdns: bool = True
     request_idle_timeout_s: float = 600.0
+    max_memory: int | None = None  # bytes this peer offers for weights and KV; None: what is free
     use_openblas: bool = True
     # None: leave OpenBLAS's own setting (the user set OPENBLAS_THREAD_TIMEOUT).
     openblas_thread_timeout: int | None = 20
@@ -104,10 +128,15 @@ class PeerSettings:
             cluster_key=env.get("DNET_CLUSTER_KEY") or None,
             mdns=not get("no_mdns") and env.get("DNET_MDNS", "1") != "0",
             request_idle_timeout_s=float(env.get("DNET_REQUEST_IDLE_TIMEOUT", "600")),
+            max_memory=_size(get("max_memory") or env.get("DNET_MAX_MEMORY")),
             use_openblas=not get("no_openblas") and env.get("DNET_OPENBLAS", "1") != "0",
             openblas_thread_timeout=None if "OPENBLAS_THREAD_TIMEOUT" in env else 20,
             log_level=(get("log_level") or env.get("DNET_LOG_LEVEL") or "INFO").upper(),
         )
+
+
+def _size(text: str | None) -> int | None:
+    return parse_size(text) if text else None
 
 
 @attrs.frozen

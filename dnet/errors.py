@@ -49,6 +49,12 @@ class UnsupportedTensorType(InvalidModel):
     code = "unsupported_tensor_type"
 
 
+class OverMemoryBudget(DnetError):
+    """A slice needs more memory than the peer offers (``--max-memory``)."""
+
+    code = "over_memory_budget"
+
+
 class LayerRangeError(DnetError):
     """A layer range is empty or outside ``[0, num_layers]``."""
 

@@ -4,8 +4,9 @@
     scripts/prepare_model.py MODEL [--api http://127.0.0.1:8080] [--api-key KEY]
                              [--context 4096] [--objective latency|throughput]
 
-MODEL is a model directory or a Hugging Face repo id that every peer (and the
-head) can read. Prints the placement the solver chose, then each peer's load.
+MODEL is a model directory, a .gguf file (or a directory holding one), a Hugging
+Face repo id in the local cache, or a packaged model's short name (smollm2-135m),
+that every peer (and the head) can read. Prints the placement the solver chose, then each peer's load.
 Exits 1 with the API's error message if either step fails.
 """
 
@@ -59,6 +60,8 @@ def main() -> int:
         print(f"  {a['name']:<16} {a['peer_id'][:12]}  layers {a['start']:>3}-{a['end']:<3}")
     for peer_id, reason in topology["excluded"]:
         print(f"  left out {peer_id[:12]}: {reason}")
+    if topology.get("split_reason"):
+        print(f"  split because {topology['split_reason']}")
     print(
         f"predicted {topology['predicted_tokens_per_s']:.1f} tokens/s, "
         f"time to first token {topology['predicted_ttft_s']:.2f}s"

@@ -46,6 +46,9 @@ class DevicesTable(DataTable):
             total = status.get("memory_total", 0)
             used = total - status.get("memory_available", 0)
             layers = status.get("layers")
+            memory = memory_bar(used, total) if total else Text("—")
+            if status.get("memory_budget"):  # the peer's --max-memory
+                memory.append(f" max {status['memory_budget'] / 2**20:.0f} MiB", style="cyan")
             state = "ok" if d.get("healthy") else f"error: {d.get('error')}"
             if d.get("healthy") and status.get("active_requests"):
                 state = f"busy ({status['active_requests']})"
@@ -53,7 +56,7 @@ class DevicesTable(DataTable):
                 d["name"],
                 d["peer_id"][:12],
                 d["address"].removeprefix("ws://").removesuffix("/dnet/1"),
-                memory_bar(used, total) if total else "—",
+                memory,
                 _rate(profile.get("flops_s"), "GFLOP/s", 1e9),
                 _rate(profile.get("bandwidth_bytes_s"), "GB/s", 1e9),
                 f"{d['rtt_ms']:.2f} ms" if d.get("rtt_ms") is not None else "—",
@@ -108,6 +111,8 @@ class PlacementPanel(Static):
             batch = rows.get(a["peer_id"]) or 0.0
             # A step of several requests takes longer than the one-request prediction.
             text.append(f" ({batch:.1f} requests a step)\n" if batch >= 1.05 else "\n")
+        if topology.get("split_reason"):
+            text.append(f"   split: {topology['split_reason']}\n", style="cyan")
         names = {d["peer_id"]: d["name"] for d in snapshot.devices}
         for peer_id, reason in topology["excluded"]:
             who = f"{names[peer_id]} ({peer_id[:12]})" if peer_id in names else peer_id[:12]
@@ -132,6 +137,8 @@ class ModelPanel(Vertical):
         if model:
             quant = model.get("quantization")
             kind = f"{quant['bits']}-bit" if quant else model["dtype"]
+            if model.get("format") == "gguf":
+                kind = f"GGUF {model['dtype']}"
             text.append("model ", style="grey62")
             text.append(model["id"].rsplit("/", 1)[-1] + "\n", style="bold")
             text.append(

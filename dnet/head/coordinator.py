@@ -64,14 +64,23 @@ class HeadStatistics:
 
 @attrs.frozen
 class LoadedModel:
-    id: str  # what the client named (repo id or path)
+    id: str  # what the client named (short name, repo id or path)
     path: str
     architecture: str
-    dtype: str
+    dtype: str  # as computed (or GGUF's file type, e.g. Q4_1)
     quantization: dict[str, Any] | None
     num_layers: int
     context: int
     created: int
+    format: str = "safetensors"  # or "gguf"
+
+    def names(self) -> set[str]:
+        """Every name a request may call this model by."""
+        from dnet.runtime.packaged import packaged_name
+
+        path = Path(self.path)
+        short = packaged_name(path)
+        return {self.id, self.path, path.name} | ({short} if short else set())
 
 
 _TOPOLOGY_CONVERTER = cattrs.Converter()
@@ -224,15 +233,20 @@ class Coordinator:
 
             info = await trio.to_thread.run_sync(open_model_dir, topology.model)
             self.topology = topology
+            dtype = topology.compute_dtype or str(info.config.get("torch_dtype", "float32"))
+            if info.is_gguf:  # its file type says more: Q4_1 (its scales widened: + float32)
+                widened = f" + {topology.compute_dtype}" if topology.compute_dtype else ""
+                dtype = f"{info.config['gguf_file_type']}{widened}"
             self.model = LoadedModel(
-                id=model or topology.model,
+                id=model or topology.name or topology.model,
                 path=str(info.path),
                 architecture=info.model_type,
-                dtype=topology.compute_dtype or str(info.config.get("torch_dtype", "float32")),
+                dtype=dtype,
                 quantization=info.config.get("quantization"),
                 num_layers=info.num_layers,
                 context=topology.context,
                 created=int(time.time()),
+                format=info.format,
             )
             self.state, self.pending_model = "loaded", None
             self._touch()
@@ -270,7 +284,7 @@ class Coordinator:
         model = self.model
         if model is None or not self.ring.order:
             raise ModelNotLoaded("no model is loaded: POST /v1/load_model first")
-        if name is not None and name not in (model.id, model.path, Path(model.path).name):
+        if name is not None and name not in model.names():
             raise ModelNotFound(f"The model `{name}` does not exist; loaded is `{model.id}`")
         return model
 

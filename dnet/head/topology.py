@@ -51,6 +51,8 @@ class Topology:
     predicted_tokens_per_s: float
     predicted_ttft_s: float
     compute_dtype: str | None = None  # weights widened at load (None: as stored)
+    split_reason: str | None = None  # why the model spans several peers
+    name: str = ""  # the model as the user named it (``model`` is where it resolved)
 
     def plan_entries(self) -> list[PlanEntry]:
         return [PlanEntry(a.peer_id, a.start, a.end) for a in self.assignments]
@@ -190,6 +192,8 @@ async def prepare_topology(
         predicted_tokens_per_s=plan.tokens_per_s,
         predicted_ttft_s=plan.ttft_s,
         compute_dtype=compute_dtype,
+        split_reason=plan.split_reason,
+        name=model,
     )
 
 

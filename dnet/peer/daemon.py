@@ -61,9 +61,18 @@ from dnet.protocol.messages import (
 )
 from dnet.runtime.arrays import DTYPES
 from dnet.runtime.compute import ComputeThread
-from dnet.runtime.device_profile import DeviceRates, cached_rates, measure, measure_disk, memory
+from dnet.runtime.device_profile import (
+    DeviceRates,
+    cached_rates,
+    measure,
+    measure_disk,
+    memory,
+    release_memory,
+)
 from dnet.runtime.engine import Chunk, SliceEngine, StepResult
-from dnet.runtime.slice import load_slice
+from dnet.runtime.model_dir import open_model_dir
+from dnet.runtime.model_profile import check_budget
+from dnet.runtime.slice import LayerSlice, load_slice
 from dnet.sampling import SampledToken
 from dnet.tensor import HostTensor
 from dnet.transport.connection import Connection, open_connection, serve_connections
@@ -121,6 +130,7 @@ class PeerDaemon:
         name: str = "",
         request_idle_timeout_s: float = 600.0,
         state_dir: Path | None = None,
+        max_memory: int | None = None,
     ) -> None:
         self.identity = identity
         self.peer_id = identity.peer_id
@@ -129,6 +139,7 @@ class PeerDaemon:
         self._compute = compute
         self._idle_timeout = request_idle_timeout_s
         self._state_dir = state_dir  # where measured device rates are cached
+        self.max_memory = max_memory  # bytes offered for weights and KV (--max-memory)
         self._rates: dict[tuple[str, int], DeviceRates] = {}
         self.engine: SliceEngine | None = None
         self.loaded: LoadSlice | None = None
@@ -271,6 +282,8 @@ class PeerDaemon:
             rates, cached = attrs.evolve(rates, disk_read_bytes_s=disk), False
         self._rates[(dtype, hidden)] = rates
         total, available = memory()
+        if self.max_memory:
+            available = min(available, self.max_memory)
         return Profile(
             self.peer_id,
             self.name,
@@ -282,6 +295,7 @@ class PeerDaemon:
             rates.disk_read_bytes_s,
             rates.layer_overhead_s,
             cached,
+            self.max_memory or 0,
         )
 
     @property
@@ -313,9 +327,7 @@ class PeerDaemon:
                         ("controller", LoadProgress(msg.model, done, total), b""),
                     )
 
-            layer_slice = await self._compute.run(
-                load_slice, msg.model, msg.start, msg.end, progress, msg.compute_dtype
-            )
+            layer_slice = await self._compute.run(self._load_slice, msg, progress)
             if layer_slice.is_first != msg.is_first or layer_slice.is_last != msg.is_last:
                 raise LayerRangeError(
                     f"layers [{msg.start}, {msg.end}) of {layer_slice.model.num_layers}: "
@@ -333,6 +345,15 @@ class PeerDaemon:
             seconds = time.perf_counter() - started
             log.info("loaded %s layers [%d, %d) in %.2fs", msg.model, msg.start, msg.end, seconds)
             return Loaded(msg.model, msg.start, msg.end, layer_slice.weight_bytes, seconds)
+
+    def _load_slice(self, msg: LoadSlice, progress: Callable[[int, int], None]) -> LayerSlice:
+        """On the compute thread: refuse a slice over this peer's budget before
+        reading a byte of it, then load it."""
+        model = open_model_dir(msg.model)
+        if self.max_memory:
+            context = msg.max_context or int(model.config.get("max_position_embeddings") or 4096)
+            check_budget(model, msg.start, msg.end, msg.compute_dtype, context, self.max_memory)
+        return load_slice(model, msg.start, msg.end, progress, msg.compute_dtype)
 
     async def _wait_for_follower(self, peer_id: str) -> None:
         with trio.move_on_after(FOLLOW_TIMEOUT_S):
@@ -354,6 +375,7 @@ class PeerDaemon:
             # Drop the arrays on the thread that owns them.
             await self._compute.run(engine.expire_idle, -1.0)
             del engine
+            await self._compute.run(release_memory)
 
     async def _follow(self, address: str, peer_id: str) -> None:
         """Dial the previous peer, ask for its outputs, and serve what it sends."""
@@ -601,4 +623,5 @@ class PeerDaemon:
             weight_bytes=stats.weight_bytes if stats else 0,
             decode_step_s=self._step_s,
             step_rows=self._step_rows,
+            memory_budget=self.max_memory or 0,
         )

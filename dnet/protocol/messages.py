@@ -65,6 +65,7 @@ class Status:
     weight_bytes: int = 0
     decode_step_s: float = 0.0  # moving average of one decode step's compute
     step_rows: float = 0.0  # moving average of the requests batched in a decode step
+    memory_budget: int = 0  # --max-memory in bytes; 0: none set
 
 
 @attrs.frozen
@@ -79,7 +80,9 @@ class ProfileRequest:
 @attrs.frozen
 class Profile:
     """A device as measured: memory, and decode-relevant rates at ``dtype``:
-    matvec bytes/s (decode reads every weight once per token) and matmul FLOP/s."""
+    matvec bytes/s (decode reads every weight once per token) and matmul FLOP/s.
+    ``memory_available`` is what it offers a model: its free memory, or less under
+    its ``memory_budget`` (``--max-memory``)."""
 
     peer_id: str
     name: str = ""
@@ -91,6 +94,7 @@ class Profile:
     disk_read_bytes_s: float = 0.0
     layer_overhead_s: float = 0.0
     cached: bool = False
+    memory_budget: int = 0  # --max-memory in bytes; 0: none set
 
 
 @attrs.frozen

@@ -16,6 +16,7 @@ import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import attrs
 import mlx.core as mx
@@ -92,6 +93,12 @@ def measure(
     CPU, see ``ColumnsLinear``): the shapes and the working set of a decode step of
     a model that wide.
     """
+    rates = _measure(dtype, hidden, matvec_mib, matmul_n)
+    release_memory()  # the test matrices
+    return rates
+
+
+def _measure(dtype: str, hidden: int, matvec_mib: int, matmul_n: int) -> DeviceRates:
     dt = DTYPES[dtype]
     per = 4 * hidden * hidden * dt.size
     ws = [
@@ -187,6 +194,44 @@ def cached_rates(state_dir: Path, dtype: str, hidden: int = 4096) -> tuple[Devic
     except OSError as exc:
         log.warning("cannot cache the device profile in %s: %s", path, exc)
     return rates, False
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system: MLX's cache of freed buffers, and the
+    pages glibc keeps in its heaps (a load's temporaries would otherwise stay in the
+    process's footprint). Call on the compute thread after a load or unload."""
+    mx.clear_cache()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
+
+
+def return_large_frees() -> None:
+    """Have glibc hand every allocation of 128 KiB or more straight back to the
+    system when freed. By default it raises that threshold to the largest block
+    freed so far, so after a load's big temporaries (a 30 MB embedding) the
+    compute thread's arena kept ~15 MB of scattered free pages that even
+    ``malloc_trim`` did not return. MLX reuses its own buffers, so steps do not
+    pay for this. Call once, early, in a peer."""
+    if _LIBC is not None:
+        _LIBC.mallopt(M_MMAP_THRESHOLD, 128 << 10)
+
+
+def _glibc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
 
 
 def memory() -> tuple[int, int]:

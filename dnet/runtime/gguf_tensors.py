@@ -49,7 +49,7 @@ def read_tensors(model: ModelDir, names: list[str]) -> dict[str, mx.array]:
                 heads = _rope_heads(model.config, name) if permute else None
                 if heads is not None:
                     raw = unpermute_rows(raw, heads)
-                out.update(_to_mlx(name, info, raw))
+                out.update(to_mlx(name, info, raw))
     return out
 
 
@@ -91,7 +91,9 @@ def unpermute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows[order]
 
 
-def _to_mlx(name: str, info: TensorInfo, raw: np.ndarray) -> dict[str, mx.array]:
+def to_mlx(name: str, info: TensorInfo, raw: np.ndarray) -> dict[str, mx.array]:
+    """A tensor's stored rows (``raw``: [rows, bytes per row]) as MLX arrays: the
+    weight, and for quantized types its ``.scales`` and ``.biases``."""
     kind, shape = info.dtype, info.shape
     if kind == "F32":
         return {name: mx.array(raw.view("<f4").reshape(shape))}

@@ -34,7 +34,8 @@ class TensorInfo:
 
     ``dtype`` is the stored type (``BF16``, ``U32``; GGUF's ``Q4_1``...), ``shape``
     the logical one (a GGUF quantized matrix's weights, not its blocks), ``nbytes``
-    what it occupies in memory once loaded. GGUF tensors carry their ``offset``."""
+    what it occupies in memory once loaded, ``offset`` where its bytes start in
+    ``file``."""
 
     file: Path
     dtype: str
@@ -164,7 +165,8 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         begin, end = entry["data_offsets"]
-        out[name] = TensorInfo(file, entry["dtype"], tuple(entry["shape"]), end - begin)
+        shape = tuple(entry["shape"])
+        out[name] = TensorInfo(file, entry["dtype"], shape, end - begin, 8 + size + begin)
     return out
 
 

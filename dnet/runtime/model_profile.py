@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from dnet.errors import OverMemoryBudget
 from dnet.runtime.gguf import GROUP_SIZE, QUANT_BITS
 from dnet.runtime.model_dir import ModelDir, TensorInfo
 from dnet.solver.profiles import ModelProfile
@@ -82,6 +83,7 @@ def model_profile(model: ModelDir, compute_dtype: str | None = None) -> ModelPro
         head_flops=2 * hidden * vocab,
         tied_embeddings=tied,
         activation_bytes=hidden * act_bytes,
+        embed_resident=False,  # a first slice reads its rows from the file
     )
 
 
@@ -94,3 +96,19 @@ def _kv_per_token(config: dict, act_bytes: int) -> int:
     kv_heads = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
     return 2 * kv_heads * head_dim * act_bytes
+
+
+def check_budget(
+    model: ModelDir, start: int, end: int, compute_dtype: str | None, context: int, budget: int
+) -> None:
+    """Raises:
+    OverMemoryBudget: layers ``[start, end)`` need more than ``budget`` bytes for
+        their weights and a KV cache of ``context`` positions.
+    """
+    need = model_profile(model, compute_dtype).slice_memory(start, end, context)
+    if need > budget:
+        raise OverMemoryBudget(
+            f"layers [{start}, {end}) of {model.name} need {need / 2**20:.0f} MiB at a "
+            f"context of {context} (weights and KV cache), over this peer's --max-memory "
+            f"of {budget / 2**20:.0f} MiB"
+        )

@@ -1,8 +1,9 @@
 """A contiguous slice of a model's decoder layers, built from mlx_lm's own classes.
 
 ``load_slice(model, start, end)`` reads only the tensors of layers ``[start, end)``,
-plus the embeddings on the first slice and the final norm and output head on the
-last (the embeddings again when the head is tied to them). Running the slices of a
+plus the final norm and output head on the last (the embeddings, when the head is
+tied to them); a first slice looks its tokens' embedding rows up in the file
+(``dnet.runtime.embedding``). Running the slices of a
 model one after another computes exactly what the whole mlx_lm model computes.
 """
 
@@ -31,6 +32,8 @@ from dnet.errors import (
 from dnet.runtime.architectures import model_classes
 from dnet.runtime.arrays import dtype_name
 from dnet.runtime.blas import skinny_products_tuned
+from dnet.runtime.device_profile import release_memory
+from dnet.runtime.embedding import FileEmbedding
 from dnet.runtime.model_dir import ModelDir, open_model_dir
 
 log = logging.getLogger(__name__)
@@ -209,7 +212,7 @@ def _columns_layout(module: nn.Module) -> None:
 
 def _owned_prefixes(start: int, end: int, first: bool, last: bool, tied: bool) -> tuple[str, ...]:
     prefixes = [f"model.layers.{i}." for i in range(start, end)]
-    if first or (last and tied):
+    if last and tied:  # the output head: read whole every token (a first slice looks up rows)
         prefixes.append("model.embed_tokens.")
     if last:
         prefixes.append("model.norm.")
@@ -350,7 +353,7 @@ def load_slice(
     pieces: dict[str, nn.Module] = {
         f"model.layers.{i}.": inner.layers[i] for i in range(start, end)
     }
-    if first or (last and tied):
+    if last and tied:
         pieces["model.embed_tokens."] = inner.embed_tokens
     if last:
         pieces["model.norm."] = inner.norm
@@ -373,6 +376,9 @@ def load_slice(
             module.set_dtype(COMPUTE_DTYPES[compute_dtype])
     layers = [inner.layers[i] for i in range(start, end)]
     embed, head = pieces.get("model.embed_tokens."), pieces.get("lm_head.")
+    if first and embed is None:
+        dtype = COMPUTE_DTYPES[compute_dtype] if compute_dtype is not None else None
+        embed = FileEmbedding(model, dtype)
     if mx.default_device() == mx.cpu and not skinny_products_tuned():
         for layer in layers:
             _columns_layout(layer)
@@ -403,6 +409,7 @@ def load_slice(
         if progress is not None:
             progress(done, len(parts))
     _smoke_test(owned)
+    release_memory()  # the reading's temporaries
     log.info(
         "loaded %s layers [%d, %d) of %d: %.1f MiB",
         model.name,

@@ -34,6 +34,7 @@ class Plan:
     ttft_s: float  # time to first token for ``prompt_tokens``
     prompt_tokens: int
     context: int
+    split_reason: str | None = None  # why more than one peer holds the model
 
     @property
     def cost(self) -> float:

@@ -38,6 +38,9 @@ class ModelProfile:
     head_flops: int
     tied_embeddings: bool
     activation_bytes: int  # one position's hidden state as it crosses a link
+    # Whether a first slice keeps the embedding table in memory (False: it looks its
+    # tokens' rows up in the file; a tied head still holds it on the last slice).
+    embed_resident: bool = True
 
     def __attrs_post_init__(self) -> None:
         n = self.num_layers
@@ -50,6 +53,21 @@ class ModelProfile:
     def weight_bytes(self) -> int:
         head = 0 if self.tied_embeddings else self.head_bytes
         return sum(self.layer_bytes) + self.embed_bytes + head + self.norm_bytes
+
+    def edge_bytes(self, start: int, end: int) -> int:
+        """What a slice holds besides its layers: the norm and the output head on the
+        last (the embeddings, when tied), the embeddings on the first if resident."""
+        last = end == self.num_layers
+        total = self.norm_bytes + self.head_bytes if last else 0
+        if start == 0 and self.embed_resident and not (last and self.tied_embeddings):
+            total += self.embed_bytes
+        return total
+
+    def slice_memory(self, start: int, end: int, context: int) -> int:
+        """Weights and KV cache at ``context`` positions of layers ``[start, end)``."""
+        layers = sum(self.layer_bytes[start:end])
+        kv = sum(self.kv_bytes_per_token[start:end]) * context
+        return layers + kv + self.edge_bytes(start, end)
 
 
 @attrs.frozen

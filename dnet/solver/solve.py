@@ -27,6 +27,7 @@ from dnet.solver.profiles import (
 OBJECTIVES = ("latency", "throughput")
 TOKEN_BYTES = 16  # a sampled token (or a token id) on the wire, roughly
 MAX_DEVICES = 12
+HEADROOM = 0.1  # of each device's memory the solver keeps free
 
 
 class _Costs:
@@ -40,13 +41,9 @@ class _Costs:
         self.kv = [0, *accumulate(model.kv_bytes_per_token)]
 
     def memory(self, a: int, b: int) -> int:
-        m, last = self.m, b == self.m.num_layers
+        """``ModelProfile.slice_memory`` in O(1)."""
         total = self.bytes[b] - self.bytes[a] + (self.kv[b] - self.kv[a]) * self.context
-        if a == 0 or (last and m.tied_embeddings):
-            total += m.embed_bytes
-        if last:
-            total += m.norm_bytes + (0 if m.tied_embeddings else m.head_bytes)
-        return total
+        return total + self.m.edge_bytes(a, b)
 
     def read_bytes(self, a: int, b: int) -> int:
         last = b == self.m.num_layers
@@ -73,7 +70,7 @@ def solve(
     *,
     context: int = 4096,
     objective: str = "latency",
-    headroom: float = 0.1,
+    headroom: float = HEADROOM,
     prompt_tokens: int = 512,
 ) -> Plan:
     """The best plan for ``objective``: ``latency`` (one decode step around the ring,
@@ -236,4 +233,22 @@ def _plan(
             reason = f"the plan predicts faster without it ({objective})"
         excluded.append(Exclusion(d.peer_id, d.name, reason))
     rate = 1.0 / total if objective == "latency" else 1.0 / key[0]
-    return Plan(objective, assignments, tuple(excluded), total, rate, ttft, prompt_tokens, context)
+    split = _split_reason(costs, budgets, objective) if len(steps) > 1 else None
+    return Plan(
+        objective, assignments, tuple(excluded), total, rate, ttft, prompt_tokens, context, split
+    )
+
+
+def _split_reason(costs: _Costs, budgets: list[int], objective: str) -> str:
+    whole = costs.memory(0, costs.m.num_layers)
+    if whole > max(budgets):
+        return (
+            f"no single peer can hold the whole model: it needs {_mib(whole)} at a context "
+            f"of {costs.context} (weights and KV cache), and the most one peer offers is "
+            f"{_mib(max(budgets))} (its free memory or --max-memory, less headroom)"
+        )
+    return f"splitting is predicted faster than any single peer ({objective})"
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.0f} MiB"

@@ -19,16 +19,22 @@ __all__ = ["CLUSTER_KEY", "LINE", "PeerProcess", "open_peers"]
 
 @asynccontextmanager
 async def open_peers(
-    n: int, *, key: bytes = CLUSTER_KEY, idle_timeout: float = 600.0
+    n: int, *, key: bytes = CLUSTER_KEY, idle_timeout: float = 600.0, max_memory: int | None = None
 ) -> AsyncIterator[list[tuple[str, PeerDaemon]]]:
-    """``n`` peer daemons in this Trio process, each with its own compute thread."""
+    """``n`` peer daemons in this Trio process, each with its own compute thread
+    (and ``max_memory``, their ``--max-memory``)."""
     async with AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
         peers = []
         for i in range(n):
             compute = await stack.enter_async_context(open_compute_thread(f"compute-{i}"))
             daemon = PeerDaemon(
-                Identity.generate(), key, compute, name=f"p{i}", request_idle_timeout_s=idle_timeout
+                Identity.generate(),
+                key,
+                compute,
+                name=f"p{i}",
+                request_idle_timeout_s=idle_timeout,
+                max_memory=max_memory,
             )
             port = await nursery.start(daemon.run, "127.0.0.1", 0)
             peers.append((f"ws://127.0.0.1:{port}/dnet/1", daemon))

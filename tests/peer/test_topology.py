@@ -8,11 +8,14 @@ import time
 from contextlib import aclosing
 
 import mlx.core as mx
+import pytest
 import trio
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
-from dnet.head.ring import open_ring
+from dnet.demo import split_budget
+from dnet.errors import PeerError
+from dnet.head.ring import PlanEntry, open_ring
 from dnet.head.topology import load_topology, prepare_topology, topology_json
 from dnet.identity import Identity
 
@@ -69,6 +72,36 @@ async def test_prepare_load_generate_and_the_profile_cache(tiny_model):
         async with aclosing(ring.generate(prompt, max_tokens=16)) as events:
             got = [e.token_id async for e in events]
         assert got == expected[: len(got)]
+
+
+async def test_memory_budgets_split_the_model_and_peers_refuse_more(tiny_model):
+    path = tiny_model(arch="qwen3", layers=6, hidden=128)
+    budget = split_budget(str(path), 1024, 2)
+    assert budget is not None
+    async with (
+        open_peers(2, max_memory=budget) as peers,
+        open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring,
+    ):
+        topology = await prepare_topology(ring, str(path), context=1024)
+        assert all(d.memory_bytes <= budget for d in topology.devices)
+        assert len(topology.assignments) == 2, topology
+        assert topology.split_reason is not None
+        assert topology.split_reason.startswith("no single peer can hold the whole model")
+        statuses = await ring.status()
+        assert [s.memory_budget for s in statuses] == [budget, budget]
+        # A hand-made plan over one peer's budget is refused before a byte is read.
+        whole = [PlanEntry(ring.peers[0].peer_id, 0, 6)]
+        with pytest.raises(PeerError) as info:
+            await ring.load(str(path), whole, max_context=1024)
+        assert info.value.code == "over_memory_budget"
+        assert "--max-memory" in info.value.message
+        await load_topology(ring, topology)
+        assert [s.layers for s in await ring.status()] == [
+            (a.start, a.end)
+            for a in sorted(
+                topology.assignments, key=lambda a: [p.peer_id for p in ring.peers].index(a.peer_id)
+            )
+        ]
 
 
 async def test_predicted_token_latency_is_within_2x_of_measured(tiny_model):

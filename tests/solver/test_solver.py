@@ -176,6 +176,12 @@ def test_memory_forces_a_split_and_the_fast_device_takes_most():
     by_id = {a.peer_id: a.end - a.start for a in plan.assignments}
     assert by_id["fast"] == 7  # 7 GB fit in 8 * 0.9 GB; the rest must go to the slow one
     assert by_id["slow"] == 3
+    # The slow one could hold it all, but the fast one's share makes the split faster.
+    assert plan.split_reason == "splitting is predicted faster than any single peer (latency)"
+    small = DeviceProfile("slow", "slow", 8 * GB, 20e9, 1e12)
+    plan = solve(model, [small, fast], context=0)
+    assert plan.split_reason is not None and "no single peer can hold" in plan.split_reason
+    assert "9,537 MiB" in plan.split_reason  # the whole model's 10 GB, in MiB
     # Plenty of memory on the fast one: it takes everything, the slow one is excluded.
     roomy = DeviceProfile("fast", "fast", 64 * GB, 100e9, 1e12)
     plan = solve(model, [slow, roomy], context=0)
@@ -192,6 +198,25 @@ def test_throughput_balances_stages():
     assert [a.peer_id for a in latency.assignments] == ["p0"]
     assert sorted(a.end - a.start for a in throughput.assignments) == [4, 4, 4]
     assert throughput.tokens_per_s > latency.tokens_per_s
+    assert latency.split_reason is None
+    assert (
+        throughput.split_reason == "splitting is predicted faster than any single peer (throughput)"
+    )
+
+
+@given(
+    layers=st.integers(1, 8),
+    tied=st.booleans(),
+    context=st.integers(0, 50),
+    data=st.data(),
+)
+def test_slice_memory_is_what_the_solver_counts(layers, tied, context, data):
+    model = toy_model(layers, layer_bytes=100, kv=3, embed=50, tied=tied)
+    start = data.draw(st.integers(0, layers - 1))
+    end = data.draw(st.integers(start + 1, layers))
+    assert model.slice_memory(start, end, context) == _Costs(model, context).memory(start, end)
+    whole = model.slice_memory(0, layers, context)
+    assert whole == model.weight_bytes + 3 * layers * context
 
 
 def test_deterministic():
