@@ -55,10 +55,10 @@ def generate_main(argv: list[str] | None = None) -> int:
 
 
 def _generate(settings: GenerateSettings) -> int:
+    from dnet.demo import demo_model
     from dnet.runtime.blas import loaded_blas
     from dnet.runtime.local import even_cuts, generate, load_chain
     from dnet.runtime.model_dir import open_model_dir
-    from dnet.demo import demo_model
     from dnet.runtime.tokenizer import chat_prompt, load_tokenizer
     from dnet.sampling import SamplingParams
 
