@@ -7,9 +7,14 @@
     scripts/bench.py throughput [--concurrency 1 2 4 8] [--dtype float32]
                                 [--prompt-tokens 64] [--new-tokens 128]
     scripts/bench.py stall [--streams 3] [--long-prompt 1024] [--chunk 256]
+    scripts/bench.py default [--model smollm2-135m] [--new-tokens 128] [--repeats 2]
 
-Every mode takes ``--shape qwen3-0.6b|qwen3-4b|qwen3-8b`` (default qwen3-0.6b, the
-shape every CPU figure uses) and ``--layers`` (default: the shape's).
+Every mode but ``default`` takes ``--shape qwen3-0.6b|qwen3-4b|qwen3-8b`` (default
+qwen3-0.6b, the shape every CPU figure uses) and ``--layers`` (default: the shape's).
+
+``default``: the default model, the real SmolLM2-135M-Instruct Q4_1 GGUF, through a
+2-peer ring against mlx_lm's own model and ``stream_generate`` over the same weights,
+as stored and with ``--compute-dtype float32`` (see ``scripts/bench_default.py``).
 
 ``throughput``: 1, 2, 4 and 8 concurrent streams on a 2-peer loopback ring (64-token
 prompts, 128 new tokens each: about a short chat answer; with only a few new
@@ -56,7 +61,6 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 # OpenBLAS must be loaded before anything imports mlx.core.
@@ -68,7 +72,10 @@ if os.environ.get("DNET_OPENBLAS", "1") != "0":
     preload_openblas(cache_dir=_cache_dir(os.environ) / "native")
 
 import mlx.core as mx
-from mlx_lm import load, stream_generate
+from bench_common import _loaded_ring, _on_peers, _pct, _time_stream, run_mlx_lm, timed_generate
+from bench_default import add_parser as add_default_parser
+from bench_default import bench_default
+from mlx_lm import load
 
 from dnet.config import default_cache_dir
 from dnet.head.ring import DEFAULT_PREFILL_CHUNK
@@ -116,23 +123,6 @@ def _report_head(mode: str, path, args) -> dict:
         "dtype": args.dtype,
         "shape": args.shape,
     }
-
-
-def _time_stream(tokens):
-    """(time to first token, decode tokens/s, ids) of an iterator of token ids."""
-    start = time.perf_counter()
-    ids, first = [], None
-    for t in tokens:
-        ids.append(t)
-        if first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    decode = (len(ids) - 1) / (end - first) if len(ids) > 1 else 0.0
-    return first - start, decode, ids
-
-
-def run_mlx_lm(model, tokenizer, prompt, n):
-    return _time_stream(r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=n))
 
 
 def run_runtime(engines, prompt, n):
@@ -222,113 +212,11 @@ def bench_runtime(args) -> dict:
     return report
 
 
-def _start_peers(n: int, key_file: Path, state: Path) -> list:
-    import re
-    import subprocess
-
-    procs = []
-    for i in range(n):
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dnet.cli_peer",
-                "--state-dir",
-                str(state / f"p{i}"),
-                "--cluster-key-file",
-                str(key_file),
-                "--name",
-                f"bench{i}",
-                "--no-mdns",
-                "--log-level",
-                "WARNING",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        line = proc.stdout.readline()
-        match = re.search(r"listening (ws://\S+) peer-id=(\S+)", line)
-        if not match:
-            raise RuntimeError(f"dnet-peer did not start: {line!r}")
-        procs.append((proc, match.group(1), match.group(2)))
-    return procs
-
-
-def _stop_peers(procs) -> None:
-    import signal
-    import subprocess
-
-    for proc, _, _ in procs:
-        proc.send_signal(signal.SIGTERM)
-    for proc, _, _ in procs:
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        proc.stdout.close()
-
-
-def _on_peers(n: int, layers: int, run, *args):
-    """Start ``n`` dnet-peer processes sharing a fresh cluster key, return
-    ``trio.run(run, procs, cuts, *args)`` (even cuts of ``layers``), stop them."""
-    import secrets
-    import tempfile
-
-    import trio
-
-    key = secrets.token_hex(32)
-    os.environ["DNET_BENCH_KEY"] = key
-    with tempfile.TemporaryDirectory() as tmp:
-        key_file = Path(tmp) / "cluster.key"
-        key_file.write_text(key)
-        procs = _start_peers(n, key_file, Path(tmp))
-        try:
-            return trio.run(run, procs, even_cuts(layers, n), *args)
-        finally:
-            _stop_peers(procs)
-
-
-@asynccontextmanager
-async def _loaded_ring(procs, path, cuts):
-    """A ring over ``procs`` with ``path`` loaded at ``cuts``; yields it and the
-    seconds the load took."""
-    from dnet.head.ring import PlanEntry, open_ring
-    from dnet.identity import Identity
-
-    key = bytes.fromhex(os.environ["DNET_BENCH_KEY"])
-    async with open_ring([a for _, a, _ in procs], Identity.generate(), key) as ring:
-        t0 = time.perf_counter()
-        await ring.load(
-            str(path),
-            [PlanEntry(pid, s, e) for (_, _, pid), (s, e) in zip(procs, cuts, strict=True)],
-        )
-        yield ring, time.perf_counter() - t0
-
-
-def _pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 async def _ring_run(procs, cuts, path, prompt, n, pings):
-    from contextlib import aclosing
-
     async with _loaded_ring(procs, path, cuts) as (ring, load_s):
-
-        async def timed(p, k):
-            start = time.perf_counter()
-            ids, first = [], None
-            async with aclosing(ring.generate(p, max_tokens=k)) as events:
-                async for e in events:
-                    ids.append(e.token_id)
-                    first = first or time.perf_counter()
-            end = time.perf_counter()
-            return first - start, (len(ids) - 1) / (end - first) if len(ids) > 1 else 0.0, ids
-
-        await timed(prompt[:8], 2)  # warm-up
+        await timed_generate(ring, prompt[:8], 2)  # warm-up
         ring.turnarounds.clear()
-        ttft, decode, ids = await timed(prompt, n)
+        ttft, decode, ids = await timed_generate(ring, prompt, n)
         turnaround_us = [t * 1e6 for t in ring.turnarounds]
         payload = bytes(4 * 1024)  # one decode step's float32 activation (hidden 1024)
         for _ in range(20):
@@ -683,12 +571,14 @@ def main() -> int:
     st.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
     st.add_argument("--layers", type=int, help="default: the shape's")
     st.add_argument("--out", help="also write the JSON report here")
+    add_default_parser(sub)
     args = p.parse_args()
     modes = {
         "runtime": bench_runtime,
         "ring": bench_ring,
         "throughput": bench_throughput,
         "stall": bench_stall,
+        "default": bench_default,
     }
     report = modes[args.mode](args)
     text = json.dumps(report, indent=2)

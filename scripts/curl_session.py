@@ -5,11 +5,11 @@
     scripts/curl_session.py --api URL --write README.md  # record it into the README
     scripts/curl_session.py --api URL --check README.md  # exit 1 if the README differs
 
-The head must have the demo model (``make_tiny_model``'s DEMO_SPEC) loaded. The
-commands run through ``curl`` (and ``python3 -m json.tool``) in a shell when curl is
-installed, otherwise the same requests go through urllib. Comparing, ids, times,
-the model's directory and the address are masked: everything else, the generated
-text included, must match what the server returns.
+The head must have the default model (``smollm2-135m``, as the demo loads it)
+loaded. The commands run through ``curl`` (and ``python3 -m json.tool``) in a shell
+when curl is installed, otherwise the same requests go through urllib. Comparing,
+ids, times and the address are masked: everything else, the generated text
+included, must match what the server returns.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import urllib.request
 from pathlib import Path
 
 API = "http://127.0.0.1:8080"
-# DEMO_SPEC.key: a request may name the loaded model by its directory's name.
-MODEL = "qwen3-l6-h128-float32-a0e6a30147"
+# The default model's short name (dnet.runtime.packaged.DEFAULT_MODEL).
+MODEL = "smollm2-135m"
 START, END = "<!-- curl-session:start -->", "<!-- curl-session:end -->"
 JSON_TOOL = " | python3 -m json.tool"
 _CHAT = f"curl -s {API}/v1/chat/completions -H 'Content-Type: application/json'"
@@ -35,9 +35,9 @@ _CHAT = f"curl -s {API}/v1/chat/completions -H 'Content-Type: application/json'"
 COMMANDS = [
     f"curl -s {API}/health",
     f"curl -s {API}/v1/models" + JSON_TOOL,
-    f"""{_CHAT} -d '{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 8, "temperature": 0}}'"""
+    f"""{_CHAT} -d '{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], "max_tokens": 32, "temperature": 0}}'"""
     + JSON_TOOL,
-    f"""curl -sN {API}/v1/chat/completions -H 'Content-Type: application/json' -d '{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 3, "temperature": 0, "stream": true, "stream_options": {{"include_usage": true}}}}'""",
+    f"""curl -sN {API}/v1/chat/completions -H 'Content-Type: application/json' -d '{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Say hello."}}], "max_tokens": 4, "temperature": 0, "stream": true, "stream_options": {{"include_usage": true}}}}'""",
     f"""{_CHAT} -d '{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Hi"}}], "n": 2}}'"""
     + JSON_TOOL,
     f"""{_CHAT} -d '{{"model": "gpt-4o", "messages": [{{"role": "user", "content": "Hi"}}]}}'"""
@@ -47,7 +47,6 @@ COMMANDS = [
 _MASKS = [
     (re.compile(r"(chatcmpl|cmpl)-[0-9a-f]{32}"), r"\1-ID"),
     (re.compile(r'"created": ?\d+'), '"created": TIME'),
-    (re.compile(r"[^\"'\s`]*/" + MODEL), "MODEL_DIR/" + MODEL),
     (re.compile(r"http://[0-9.]+:\d+"), API),
 ]
 
@@ -121,9 +120,8 @@ def main() -> int:
     readme = path.read_text()
     start, end = _block(readme)
     if args.write is not None:
-        # Where this machine keeps the model, and its address, as a reader's would be.
-        shown = re.sub(r"[^\"'\s`]*/" + MODEL, "~/.cache/dnet/models/" + MODEL, fresh)
-        path.write_text(readme[:start] + shown.replace(args.api, API) + readme[end:])
+        # The address as a reader's would be.
+        path.write_text(readme[:start] + fresh.replace(args.api, API) + readme[end:])
         return 0
     recorded = readme[start:end]
     if normalise(recorded) == normalise(fresh):

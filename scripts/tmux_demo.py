@@ -4,15 +4,18 @@
     scripts/tmux_demo.py [--timeout 180] [--keep-screens DIR]
 
 Starts the console in a detached tmux session, waits until both demo peers and the
-placement are on screen with the model loaded, opens the chat (F2), sends a
-message, waits for the answer's usage line, quits (Ctrl+Q), and checks that the
-console exited and that the peers it started are gone. Prints the screens it saw;
-exits 1 (saying at which step) if any step does not happen in time.
+placement are on screen with the model loaded and each peer holding some of its
+layers, opens the chat (F2), asks a question, waits for the answer's usage line,
+checks that the answer is English (the default model is a real one), quits
+(Ctrl+Q), and checks that the console exited and that the peers it started are
+gone. Prints the screens it saw; exits 1 (saying at which step) if any step does
+not happen in time or a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +47,39 @@ def wait_for(session: str, what: str, check, timeout: float) -> str:
     raise SystemExit(f"tmux_demo: no {what} within {timeout:.0f}s; the screen was:\n{text}")
 
 
+QUESTION = "What is the capital of France?"
+# Words any short English answer to it uses; random weights' output has none.
+ENGLISH = {"the", "a", "is", "of", "and", "to", "in", "it", "i", "you", "capital", "france",
+           "paris", "city", "its", "as", "for", "with", "that", "this", "are", "be"}  # fmt: skip
+
+
+def peers_holding_layers(screen: str) -> list[str]:
+    """The demo peers whose row in the devices table ends with a layer range."""
+    return [
+        name
+        for name in ("demo-0", "demo-1")
+        if any(
+            name in line and re.search(r"\d+–\d+\s*[│|]?\s*$", line) for line in screen.splitlines()
+        )
+    ]
+
+
+def answer_text(screen: str) -> str:
+    """What the chat shows between the question and the settings row."""
+    lines = screen.splitlines()
+    start = max((i for i, line in enumerate(lines) if QUESTION in line), default=-1)
+    end = next(
+        (i for i in range(start + 1, len(lines)) if "temperature" in lines[i] or "╰" in lines[i]),
+        len(lines),
+    )
+    return " ".join(line.strip(" │▌▐|") for line in lines[start + 1 : end]).strip()
+
+
+def looks_english(text: str) -> bool:
+    words = re.findall(r"[a-z']+", text.lower())
+    return len(words) >= 3 and sum(w in ENGLISH for w in words) >= 2
+
+
 def processes_mentioning(path: str) -> list[str]:
     found = []
     for proc in Path("/proc").iterdir():
@@ -73,17 +109,23 @@ def main() -> int:
     try:
         wait_for(
             session,
-            "devices, placement and the loaded model",
+            "devices, placement, the loaded model and each peer's layers",
             lambda s: (
-                "demo-0" in s and "demo-1" in s and "placement over" in s and "state loaded" in s
+                "placement over" in s
+                and "state loaded" in s
+                and peers_holding_layers(s) == ["demo-0", "demo-1"]
             ),
             args.timeout,
         )
         tmux("send-keys", "-t", session, "F2")
         wait_for(session, "the chat", lambda s: "Enter sends" in s, 30)
-        tmux("send-keys", "-t", session, "-l", "Hello from tmux")
+        tmux("send-keys", "-t", session, "-l", QUESTION)
         tmux("send-keys", "-t", session, "Enter")
-        wait_for(session, "an answer", lambda s: "answer tokens" in s, 60)
+        shown = wait_for(session, "an answer", lambda s: "answer tokens" in s, 120)
+        answer = answer_text(shown)
+        if not looks_english(answer):
+            raise SystemExit(f"tmux_demo: the answer is not English: {answer!r}")
+        print(f"tmux_demo: the answer: {answer}")
         tmux("send-keys", "-t", session, "C-q")
         deadline = time.monotonic() + 30
         while tmux("has-session", "-t", session).returncode == 0:

@@ -33,7 +33,7 @@ def stop_process(proc: subprocess.Popen) -> int:
 class PeerProcess:
     """A ``dnet-peer`` subprocess; always stopped by the test that starts it."""
 
-    def __init__(self, state_dir: Path, key_file: Path, name: str) -> None:
+    def __init__(self, state_dir: Path, key_file: Path, name: str, *extra: str) -> None:
         env = dict(os.environ, DNET_OPENBLAS="0", DNET_LOG_LEVEL="WARNING")
         self.proc = subprocess.Popen(
             [
@@ -47,6 +47,7 @@ class PeerProcess:
                 "--name",
                 name,
                 "--no-mdns",
+                *extra,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -27,7 +27,8 @@ from tui.widgets import DevicesTable, ModelPanel, PlacementPanel, ThroughputPane
 
 
 class ModelPrompt(ModalScreen[str | None]):
-    """Ask which model to prepare or load (a directory or a Hugging Face repo id)."""
+    """Ask which model to prepare or load (a short name, a directory, a GGUF file or a
+    Hugging Face repo id)."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
@@ -38,7 +39,11 @@ class ModelPrompt(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="model-prompt"):
             yield Label(self._title)
-            yield Input(self._value, placeholder="model directory or HF repo id", id="model-input")
+            yield Input(
+                self._value,
+                placeholder="smollm2-135m, a model directory, a .gguf file or an HF repo id",
+                id="model-input",
+            )
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip() or None)

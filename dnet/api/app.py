@@ -203,7 +203,10 @@ def create_app(
         data = await body()
         model = data.get("model")
         if not isinstance(model, str) or not model:
-            raise InvalidRequest("'model' must name a model directory or repo id", "model")
+            raise InvalidRequest(
+                "'model' must name a model: a directory, a .gguf file, a repo id or smollm2-135m",
+                "model",
+            )
         context = data.get("context", data.get("max_context"))
         if context is not None and (not isinstance(context, int) or context < 1):
             raise InvalidRequest("'context' must be a positive integer", "context")

@@ -16,7 +16,7 @@ from ..processes import CLUSTER_KEY, ConsoleProcess, PeerProcess
 @attrs.define
 class Cluster:
     url: str
-    model: Path
+    model: Path | str
     peers: list[PeerProcess]
     console: ConsoleProcess
     headers: dict[str, str] = attrs.Factory(dict)
@@ -39,7 +39,12 @@ class Cluster:
 
 
 def start_cluster(
-    root: Path, model: Path, n_peers: int, *console_args: str, headers: dict | None = None
+    root: Path,
+    model: Path | str,
+    n_peers: int,
+    *console_args: str,
+    headers: dict | None = None,
+    peer_args: tuple[str, ...] = (),
 ) -> Cluster:
     root.mkdir(parents=True, exist_ok=True)
     key_file = root / "cluster.key"
@@ -47,7 +52,7 @@ def start_cluster(
     peers: list[PeerProcess] = []
     try:
         for i in range(n_peers):
-            peers.append(PeerProcess(root / f"peer{i}", key_file, f"ap{i}"))
+            peers.append(PeerProcess(root / f"peer{i}", key_file, f"ap{i}", *peer_args))
         console = ConsoleProcess(root / "head", key_file, [p.address for p in peers], *console_args)
     except BaseException:
         for p in peers:

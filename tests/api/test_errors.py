@@ -6,9 +6,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 from openai import APIError, AuthenticationError, OpenAI, RateLimitError
 
+from ..runtime.gguf_files import write_gguf
 from .conftest import load_split, start_cluster, stop_cluster
 
 
@@ -89,6 +91,17 @@ def test_unknown_model_is_404_and_unknown_route_too(cluster):
     assert_openai_error(cluster.get("/v1/models/no-such-model"), 404)
     assert_openai_error(cluster.get("/v1/nothing-here"), 404)
     assert_openai_error(httpx.get(cluster.url + "/v1/chat/completions"), 405)
+
+
+def test_a_gguf_of_k_quants_is_refused_at_prepare_with_a_400(cluster, tiny_model, tmp_path):
+    source = tiny_model(arch="qwen3", layers=2, hidden=256)
+    raw = {"blk.0.attn_q.weight": ("Q6_K", np.zeros((256, 210), np.uint8))}  # 256 x 256
+    path = write_gguf(source, tmp_path / "k.gguf", "Q8_0", raw=raw)
+    error = assert_openai_error(cluster.post("/v1/prepare_topology", {"model": str(path)}), 400)
+    assert error["code"] == "unsupported_tensor_type"
+    assert "blk.0.attn_q.weight is Q6_K" in error["message"] and "Q8_0" in error["message"]
+    # The loaded model still serves.
+    assert chat(cluster, max_tokens=2).status_code == 200
 
 
 def test_no_model_loaded_is_503_and_no_peers_cannot_prepare(tiny_model, tmp_path):
