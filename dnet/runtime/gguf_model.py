@@ -10,9 +10,12 @@ mlx_lm's ``llama``, ``qwen2`` and ``qwen3`` classes. Imports no mlx.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from typing import Any
+
+import numpy as np
 
 from dnet.errors import InvalidModel, UnsupportedArchitecture, UnsupportedTensorType
 from dnet.runtime.gguf import BLOCKS, FLOAT_DTYPES, GROUP_SIZE, QUANT_BITS, GGUFHeader
@@ -37,7 +40,8 @@ _BLOCK = {
     "ffn_down": "mlp.down_proj",
 }
 _NAME = re.compile(r"^(?:blk\.(\d+)\.)?([a-z_]+)\.(weight|bias)$")
-# llama.cpp's precomputed rotary factors (Llama 3.1+): mlx_lm computes its own.
+# llama.cpp's precomputed rotary factors (Llama 3.1+): mlx_lm computes its own from
+# the rope scaling they imply.
 ROPE_FREQS = "rope_freqs.weight"
 
 
@@ -185,11 +189,7 @@ def _float_dtype(header: GGUFHeader) -> str:
 
 def _rope_scaling(header: GGUFHeader) -> dict[str, Any] | None:
     if ROPE_FREQS in header.tensors:
-        raise UnsupportedArchitecture(
-            f"{header.path.name} carries llama.cpp's precomputed rotary factors "
-            f"({ROPE_FREQS}, Llama 3.1 and later); dnet cannot load those from GGUF yet: "
-            "use the model's safetensors/MLX release"
-        )
+        return _llama3_scaling(header)
     arch = header.architecture
     kind = header.metadata.get(f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
@@ -209,3 +209,47 @@ def _rope_scaling(header: GGUFHeader) -> dict[str, Any] | None:
             "original_max_position_embeddings": int(original),
         }
     raise UnsupportedArchitecture(f"{header.path.name}: rope scaling {kind!r} is not supported")
+
+
+# Llama 3's rope scaling: (low_freq_factor, high_freq_factor, original context).
+_LLAMA3_CANDIDATES = [
+    (low, high, original)
+    for original in (8192, 4096, 16384, 32768, 2048)
+    for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0))
+]
+
+
+def _llama3_scaling(header: GGUFHeader) -> dict[str, Any]:
+    """mlx_lm's ``llama3`` rope scaling that computes the per-frequency factors
+    llama.cpp's converter stored as ``rope_freqs.weight`` (Llama 3.1 and later),
+    so that mlx_lm's own rotary code runs, as for the model's safetensors.
+
+    Raises:
+        UnsupportedArchitecture: factors no Llama 3 setting reproduces.
+    """
+    tensor = header.tensors[ROPE_FREQS]
+    stored = np.fromfile(header.path, "<f4", math.prod(tensor.shape), offset=tensor.offset)
+    arch = header.architecture
+    base = float(header.metadata.get(f"{arch}.rope.freq_base", 10000.0))
+    dims = 2 * len(stored)
+    wavelens = 2 * math.pi * base ** (np.arange(0, dims, 2) / dims)
+    factor = float(stored.max())
+    for low, high, original in _LLAMA3_CANDIDATES:
+        smooth = (original / wavelens - low) / (high - low)
+        expected = np.where(
+            wavelens < original / high,
+            1.0,
+            np.where(wavelens > original / low, factor, 1 / ((1 - smooth) / factor + smooth)),
+        )
+        if np.allclose(stored, expected, rtol=1e-5, atol=0):
+            return {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": original,
+            }
+    raise UnsupportedArchitecture(
+        f"{header.path.name}: its rotary factors ({ROPE_FREQS}) match no Llama 3 rope "
+        "scaling dnet knows; use the model's safetensors/MLX release"
+    )

@@ -1,8 +1,9 @@
 """A GGUF file's tokenizer, built with ``tokenizers`` from its metadata.
 
 A GGUF carries no ``tokenizer.json``: ``tokenizer.ggml.*`` holds the vocabulary,
-the BPE merges, each token's type, the special ids and whether to add BOS, and
-``tokenizer.ggml.pre`` names how llama.cpp splits text before the merges. The
+the BPE merges (or, for SentencePiece vocabularies, each piece's score), each
+token's type, the special ids and whether to add BOS, and ``tokenizer.ggml.pre``
+names how llama.cpp splits text before byte-level merges. The
 splits below are llama.cpp's (``src/llama-vocab.cpp``) for the names dnet knows;
 an unknown one is refused rather than guessed, since a wrong split tokenizes
 every prompt slightly wrong.
@@ -12,7 +13,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from dnet.errors import InvalidModel
 from dnet.runtime.gguf import GGUFHeader
@@ -56,24 +66,26 @@ PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
     **_family("smollm starcoder refact command-r codeshell exaone minerva-7b", (r"\p{N}", _GPT2)),
     **_family("tekken", (_TEKKEN,), ignore_merges=True, bos=True),
 }
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # llama.cpp's token types
+MERGEABLE = {NORMAL, USER_DEFINED}
 
 
 def check_tokenizer(header: GGUFHeader) -> str:
-    """The file's pre-tokenizer name, once its tokenizer is one dnet can build.
+    """The file's tokenizer kind (``gpt2``, or ``llama`` for SentencePiece), once
+    it is one dnet can build.
 
     Raises:
-        InvalidModel: a tokenizer model other than ``gpt2`` (byte-level BPE), or an
-            unknown ``pre`` type.
+        InvalidModel: another tokenizer model, or an unknown ``pre`` type.
     """
     meta = header.metadata
     where = header.path.name
     kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return "llama"
     if kind != "gpt2":
         raise InvalidModel(
             f"{where}: tokenizer.ggml.model is {kind!r}; dnet builds byte-level BPE "
-            "('gpt2') tokenizers from GGUF files (SentencePiece ones such as Llama 2's "
-            "are not supported yet)"
+            "('gpt2') and SentencePiece ('llama') tokenizers from GGUF files"
         )
     pre = str(meta.get("tokenizer.ggml.pre", "default"))
     if pre not in PRE_TOKENIZERS:
@@ -81,25 +93,55 @@ def check_tokenizer(header: GGUFHeader) -> str:
             f"{where}: pre-tokenizer {pre!r} is not one dnet knows "
             f"({', '.join(sorted(PRE_TOKENIZERS))})"
         )
-    return pre
+    return kind
 
 
 def build_tokenizer(header: GGUFHeader) -> Tokenizer:
-    """The byte-level BPE tokenizer a GGUF file describes: its vocabulary and
-    merges, llama.cpp's split for its ``pre`` name, control tokens as special
-    tokens (a prompt's ``<|im_start|>`` is one id) and user-defined ones as added
-    tokens, and BOS prepended when the file (or its ``pre`` type) says so.
+    """The tokenizer a GGUF file describes, control tokens as special tokens (a
+    prompt's ``<|im_start|>`` is one id) and user-defined ones as added tokens, BOS
+    prepended when the file (or its kind) says so:
+
+    - ``gpt2``: byte-level BPE over the vocabulary and merges, with llama.cpp's
+      split for the file's ``pre`` name;
+    - ``llama``: SentencePiece BPE (Llama 2, Mistral): no merges are stored, so
+      they come from the vocabulary, ranked by the merged piece's score, which is
+      what llama.cpp's SentencePiece tokenizer merges by; spaces become ``▁`` and
+      each stretch of text starts with one, as in llama.cpp; bytes outside the
+      vocabulary fall back to ``<0xNN>`` tokens.
 
     Raises:
         InvalidModel: see ``check_tokenizer``; a vocabulary without its merges.
     """
     meta = header.metadata
-    where = header.path.name
-    splits, ignore_merges, bos_default = PRE_TOKENIZERS[check_tokenizer(header)]
     tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list):
+        raise InvalidModel(f"{header.path.name} lacks tokenizer.ggml.tokens")
+    raw_types = meta.get("tokenizer.ggml.token_type")
+    types = [int(t) for t in raw_types] if raw_types is not None else [NORMAL] * len(tokens)
+    if check_tokenizer(header) == "llama":
+        tokenizer, bos_default = _sentencepiece(header, tokens, types), True
+    else:
+        tokenizer, bos_default = _byte_level(header, tokens)
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False)
+         for t, k in zip(tokens, types, strict=False) if k in (CONTROL, UNKNOWN)]
+    )  # fmt: skip
+    tokenizer.add_tokens(
+        [AddedToken(t, special=False, normalized=False)
+         for t, k in zip(tokens, types, strict=False) if k == USER_DEFINED]
+    )  # fmt: skip
+    _bos_eos(tokenizer, meta, tokens, bos_default)
+    return tokenizer
+
+
+def _byte_level(header: GGUFHeader, tokens: list[str]) -> tuple[Tokenizer, bool]:
+    meta = header.metadata
+    splits, ignore_merges, bos_default = PRE_TOKENIZERS[
+        str(meta.get("tokenizer.ggml.pre", "default"))
+    ]
     merges = meta.get("tokenizer.ggml.merges")
-    if not isinstance(tokens, list) or not isinstance(merges, list):
-        raise InvalidModel(f"{where} lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    if not isinstance(merges, list):
+        raise InvalidModel(f"{header.path.name} lacks tokenizer.ggml.merges")
     vocab = {token: i for i, token in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tokenizer = Tokenizer(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
@@ -108,19 +150,56 @@ def build_tokenizer(header: GGUFHeader) -> Tokenizer:
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     tokenizer.decoder = decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type")
-    if types is not None:
-        types = [int(t) for t in types]
-        tokenizer.add_special_tokens(
-            [AddedToken(t, special=True, normalized=False)
-             for t, k in zip(tokens, types, strict=False) if k == CONTROL]
-        )  # fmt: skip
-        tokenizer.add_tokens(
-            [AddedToken(t, special=False, normalized=False)
-             for t, k in zip(tokens, types, strict=False) if k == USER_DEFINED]
-        )  # fmt: skip
-    _bos_eos(tokenizer, meta, tokens, bos_default)
+    return tokenizer, bos_default
+
+
+def _sentencepiece(header: GGUFHeader, tokens: list[str], types: list[int]) -> Tokenizer:
+    meta = header.metadata
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None:
+        raise InvalidModel(f"{header.path.name} lacks tokenizer.ggml.scores")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab,
+            sentencepiece_merges(tokens, [float(x) for x in scores], types),
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    # SentencePiece's dummy prefix, on every stretch of text between special tokens
+    # as llama.cpp does (a Metaspace pre-tokenizer would skip text that starts with
+    # a space, and text after a special token).
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    spaces = normalizers.Replace(" ", "▁")
+    tokenizer.normalizer = (
+        normalizers.Sequence([normalizers.Prepend("▁"), spaces]) if prefix else spaces
+    )
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    tokenizer.decoder = decoders.Sequence(steps)
     return tokenizer
+
+
+def sentencepiece_merges(
+    tokens: list[str], scores: list[float], types: list[int]
+) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's: every split of a piece into two
+    pieces of the vocabulary, best-scored piece first (ties: the longer left part,
+    then the vocabulary's order)."""
+    ids = {t: i for i, (t, k) in enumerate(zip(tokens, types, strict=False)) if k in MERGEABLE}
+    ranked = []
+    for piece, i in ids.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                ranked.append((-scores[i], -len(left), ids[left], ids[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
 
 
 def _bos_eos(tokenizer: Tokenizer, meta: dict[str, Any], tokens: list[str], bos: bool) -> None:

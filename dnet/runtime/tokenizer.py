@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
+from mlx_lm.tokenizer_utils import (
+    BPEStreamingDetokenizer,
+    SPMStreamingDetokenizer,
+    TokenizerWrapper,
+)
 from mlx_lm.tokenizer_utils import _byte_decoder as _gpt2_byte_decoder
 from mlx_lm.utils import load_tokenizer as _load_tokenizer
 
@@ -45,7 +49,9 @@ def _gguf_tokenizer(path: Path, eos_token_ids: Any) -> TokenizerWrapper:
     )
     if isinstance(eos_token_ids, int):
         eos_token_ids = [eos_token_ids]
-    return TokenizerWrapper(tokenizer, BPEStreamingDetokenizer, eos_token_ids=eos_token_ids)
+    spm = header.metadata.get("tokenizer.ggml.model") == "llama"
+    detokenizer = SPMStreamingDetokenizer if spm else BPEStreamingDetokenizer
+    return TokenizerWrapper(tokenizer, detokenizer, eos_token_ids=eos_token_ids)
 
 
 def chat_prompt(tokenizer: TokenizerWrapper, messages: list[dict[str, str]]) -> list[int]:
@@ -64,4 +70,6 @@ def token_bytes(tokenizer: TokenizerWrapper, token_id: int) -> bytes:
         piece = detokenizer.tokenmap[token_id]
         if all(c in decoder for c in piece):
             return bytes(decoder[c] for c in piece)
+    if isinstance(detokenizer, SPMStreamingDetokenizer) and token_id < len(detokenizer.tokenmap):
+        return bytes(detokenizer.tokenmap[token_id]).replace("▁".encode(), b" ")
     return str(tokenizer.decode([token_id])).encode()

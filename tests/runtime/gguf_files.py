@@ -110,11 +110,33 @@ def write_gguf(
             writer.add_tensor(target, array.astype(np.float16))
         else:
             writer.add_tensor(target, quants.quantize(array, T[chosen]), raw_dtype=T[chosen])
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def llama3_rope_factors(config: dict[str, Any]) -> np.ndarray:
+    """The per-frequency factors llama.cpp's converter stores for Llama 3.1+."""
+    scaling = config["rope_scaling"]
+    dims = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    out = []
+    for freq in 1.0 / (config["rope_theta"] ** (np.arange(0, dims, 2, dtype=np.float32) / dims)):
+        wavelen = 2 * np.pi / freq
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def _metadata(writer: gguf.GGUFWriter, arch: str, config: dict[str, Any]) -> None:

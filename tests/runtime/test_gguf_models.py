@@ -5,6 +5,7 @@ GGUF file (llama's rotary rows left as llama.cpp stored them)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import mlx.core as mx
 import pytest
@@ -42,6 +43,27 @@ def test_a_float_gguf_matches_its_safetensors_through_mlx_lm(tiny_model, tmp_pat
     expected = reference_tokens(model, prompt, NEW)
     assert len(set(expected)) >= 4, expected
     assert _dnet_tokens(path, prompt) == expected
+
+
+def test_llama_3_rotary_factors_become_mlx_lms_llama3_scaling(tiny_model, tmp_path):
+    # Llama 3.1+: llama.cpp stores the scaled frequencies' factors as a tensor; dnet
+    # recovers the scaling they came from, so mlx_lm's own rotary code runs.
+    source = tmp_path / "llama31"
+    shutil.copytree(tiny_model(arch="llama", layers=3), source)
+    config = json.loads((source / "config.json").read_text())
+    config["rope_scaling"] = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    (source / "config.json").write_text(json.dumps(config))
+    path = write_gguf(source, tmp_path / "llama31.gguf", "F32")
+    assert open_model_dir(path).config["rope_scaling"] == config["rope_scaling"]
+    model, tokenizer = load(str(source))
+    prompt = chat_prompt(tokenizer, [{"role": "user", "content": "Tell me about crows."}])
+    assert _dnet_tokens(path, prompt) == reference_tokens(model, prompt, NEW)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from importlib import resources
 
+import gguf
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from dnet.errors import InvalidModel
 from dnet.runtime.gguf import read_header
@@ -80,7 +82,7 @@ def test_smollm2_streams_text_and_renders_its_chat_template(smol):
     assert smol.eos_token_ids == {2}
 
 
-def test_unknown_splits_and_sentencepiece_vocabularies_are_refused(tiny_model, tmp_path):
+def test_unknown_splits_and_tokenizer_kinds_are_refused(tiny_model, tmp_path):
     path = write_gguf(
         tiny_model(arch="qwen3", layers=2), tmp_path / "m.gguf", "Q8_0", pre="mystery"
     )
@@ -89,6 +91,88 @@ def test_unknown_splits_and_sentencepiece_vocabularies_are_refused(tiny_model, t
     with pytest.raises(InvalidModel, match="pre-tokenizer 'mystery'"):
         build_tokenizer(read_header(path, vocab=True))
     header = read_header(path, vocab=True)
-    header.metadata["tokenizer.ggml.model"] = "llama"
-    with pytest.raises(InvalidModel, match="SentencePiece"):
+    header.metadata["tokenizer.ggml.model"] = "bert"
+    with pytest.raises(InvalidModel, match="'bert'"):
         build_tokenizer(header)
+
+
+def llama_cpp_sentencepiece(text: str, vocab: dict[str, int], scores: list[float]) -> list[int]:
+    """llama.cpp's SentencePiece tokenization (``llm_tokenizer_spm_session``),
+    spelled out: a leading space, spaces as ▁, then merge the adjacent pair whose
+    joined piece scores best (the leftmost on ties) until none is a piece; what is
+    left unknown goes out as <0xNN> byte tokens."""
+    symbols = list("▁" + text.replace(" ", "▁"))
+    while True:
+        best = None
+        for i in range(len(symbols) - 1):
+            joined = symbols[i] + symbols[i + 1]
+            if joined in vocab and (best is None or scores[vocab[joined]] > best[0]):
+                best = (scores[vocab[joined]], i)
+        if best is None:
+            break
+        i = best[1]
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    ids = []
+    for s in symbols:
+        if s in vocab:
+            ids.append(vocab[s])
+        else:
+            ids += [vocab[f"<0x{b:02X}>"] for b in s.encode()]
+    return ids
+
+
+def sentencepiece_gguf(path, pieces: list[str]) -> dict[str, int]:
+    """A GGUF holding a SentencePiece vocabulary as llama.cpp's converter writes
+    one: <unk>, <s>, </s>, the 256 byte tokens, then pieces scored by their rank."""
+    tokens = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)], *pieces]
+    types = [2, 3, 3, *[6] * 256, *[1] * len(pieces)]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def test_a_sentencepiece_vocabulary_tokenizes_as_llama_cpp_does(tmp_path):
+    # Pieces learned from dnet's corpus by a BPE trainer over ▁-joined words.
+    trainer = trainers.BpeTrainer(vocab_size=700, show_progress=False)
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = resources.files("dnet.runtime").joinpath("data/corpus.txt").read_text("utf-8")
+    learner.train_from_iterator(corpus.splitlines(), trainer)
+    learned = learner.get_vocab()
+    pieces = sorted(learned, key=lambda t: (len(t) > 1, learned[t]))  # chars, then merge order
+    vocab = sentencepiece_gguf(tmp_path / "spm.gguf", pieces)
+    header = read_header(tmp_path / "spm.gguf", vocab=True)
+    scores = [float(x) for x in header.metadata["tokenizer.ggml.scores"]]
+    tokenizer = load_tokenizer(tmp_path / "spm.gguf")
+    texts = [*filter(None, corpus.splitlines()[:60]), *TEXTS[:4], "naïve 東京 🦊 fox"]
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert ids == llama_cpp_sentencepiece(text, vocab, scores), text
+        assert tokenizer.decode(ids) == text
+        assert tokenizer.encode(text)[0] == 1  # <s> first, as llama.cpp adds it
+    # Text after a control token starts with SentencePiece's space again (llama.cpp).
+    spm = llama_cpp_sentencepiece
+    assert tokenizer.encode("The fox</s>The crow", add_special_tokens=False) == (
+        [*spm("The fox", vocab, scores), 2, *spm("The crow", vocab, scores)]
+    )
+    # Streaming detokenization, byte tokens included.
+    ids = tokenizer.encode("naïve 東京 🦊 fox", add_special_tokens=False)
+    assert vocab["<0xF0>"] in ids  # the fox emoji is not a piece: it goes out as bytes
+    detok = tokenizer.detokenizer
+    detok.reset()
+    for i in ids:
+        detok.add_token(i)
+    detok.finalize()
+    assert detok.text == "naïve 東京 🦊 fox"
+    assert b"".join(token_bytes(tokenizer, i) for i in ids) == " naïve 東京 🦊 fox".encode()
