@@ -94,7 +94,7 @@ def resolve_model(ref: str | Path, hf_cache_dir: Path | None = None) -> Path:
     path = Path(ref).expanduser()
     if path.is_file():
         if is_gguf(path):
-            return path.resolve()
+            return path.absolute()  # not resolved: the HF cache links files to hashed blobs
         raise ModelNotFound(f"{path} is a file but not a GGUF model")
     if path.is_dir():
         return _model_in(path)
@@ -121,8 +121,11 @@ def resolve_model(ref: str | Path, hf_cache_dir: Path | None = None) -> Path:
         if len(parts) == 3:
             if not (snapshot / parts[2]).is_file():
                 raise ModelNotFound(f"the cached {repo} has no {parts[2]}")
-            return (snapshot / parts[2]).resolve()
-        return _model_in(snapshot)
+            return snapshot / parts[2]
+        try:
+            return _model_in(snapshot)
+        except InvalidModel as exc:
+            raise InvalidModel(f"{exc.message} (as {repo}/FILE.gguf)") from None
     raise ModelNotFound(f"no model directory at {path}")
 
 
@@ -132,7 +135,7 @@ def _model_in(path: Path) -> Path:
         return path.resolve()
     ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
     if len(ggufs) == 1:
-        return ggufs[0].resolve()
+        return ggufs[0].absolute()
     if not ggufs:
         raise ModelNotFound(f"{path} has no config.json and no .gguf file; not a model")
     shown = ", ".join(p.name for p in ggufs[:6]) + (" ..." if len(ggufs) > 6 else "")

