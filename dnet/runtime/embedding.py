@@ -19,12 +19,12 @@ import mlx.nn as nn
 import numpy as np
 
 from dnet.errors import InvalidModel
-from dnet.runtime.gguf import stored_nbytes
+from dnet.runtime.gguf import GROUP_SIZE, QUANT_BITS, stored_nbytes
 from dnet.runtime.model_dir import ModelDir, TensorInfo
 
 PREFIX = "model.embed_tokens."
 # safetensors dtypes of embeddings and their quantized parts, as numpy reads them
-_NUMPY = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "U32": "<u4"}
+_NUMPY = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "U32": "<u4", "U8": "<u1"}
 
 
 class FileEmbedding(nn.Module):
@@ -43,13 +43,14 @@ class FileEmbedding(nn.Module):
         weight = self._infos["weight"]
         self.dims = int(model.config["hidden_size"])
         self._quant: dict[str, Any] | None = None
-        if self._gguf and weight.dtype in ("Q4_0", "Q4_1", "Q8_0"):
-            bits = 8 if weight.dtype == "Q8_0" else 4
-            self._quant = {"group_size": 32, "bits": bits, "mode": "affine"}
-        elif "scales" in self._infos:
+        if self._gguf and weight.dtype in QUANT_BITS:
+            bits = QUANT_BITS[weight.dtype]
+            self._quant = {"group_size": GROUP_SIZE, "bits": bits, "mode": "affine"}
+        elif "scales" in self._infos:  # an MLX-quantized table: its shapes give the format
             groups = self._infos["scales"].shape[-1]
             bits = weight.shape[-1] * 32 // self.dims
-            self._quant = {"group_size": self.dims // groups, "bits": bits, "mode": "affine"}
+            mode = (model.config.get("quantization") or {}).get("mode", "affine")
+            self._quant = {"group_size": self.dims // groups, "bits": bits, "mode": mode}
 
     def __call__(self, ids: mx.array) -> mx.array:
         flat = np.array(ids).reshape(-1)
