@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from dnet.errors import (
     UnknownRequest,
 )
 from dnet.identity import Identity, verify_signature
+from dnet.peer.measuring import PeerMeasurements
 from dnet.peer.work import WorkQueue
 from dnet.protocol.codec import ProtocolError
 from dnet.protocol.messages import (
@@ -40,7 +40,6 @@ from dnet.protocol.messages import (
     EndRequest,
     Error,
     Follow,
-    LinkReport,
     Loaded,
     LoadProgress,
     LoadSlice,
@@ -48,7 +47,6 @@ from dnet.protocol.messages import (
     Ping,
     Pong,
     ProbeLink,
-    Profile,
     ProfileRequest,
     StartRequest,
     Status,
@@ -59,16 +57,8 @@ from dnet.protocol.messages import (
     Unload,
     Unloaded,
 )
-from dnet.runtime.arrays import DTYPES
 from dnet.runtime.compute import ComputeThread
-from dnet.runtime.device_profile import (
-    DeviceRates,
-    cached_rates,
-    measure,
-    measure_disk,
-    memory,
-    release_memory,
-)
+from dnet.runtime.device_profile import release_memory
 from dnet.runtime.engine import Chunk, SliceEngine, StepResult
 from dnet.runtime.model_dir import open_model_dir
 from dnet.runtime.model_profile import check_budget
@@ -138,9 +128,10 @@ class PeerDaemon:
         self._cluster_key = cluster_key
         self._compute = compute
         self._idle_timeout = request_idle_timeout_s
-        self._state_dir = state_dir  # where measured device rates are cached
         self.max_memory = max_memory  # bytes offered for weights and KV (--max-memory)
-        self._rates: dict[tuple[str, int], DeviceRates] = {}
+        self.measurements = PeerMeasurements(
+            identity, cluster_key, compute, name=name, state_dir=state_dir, max_memory=max_memory
+        )
         self.engine: SliceEngine | None = None
         self.loaded: LoadSlice | None = None
         self.controller: Connection | None = None
@@ -226,9 +217,9 @@ class PeerDaemon:
         if isinstance(message, StatusRequest):
             return self.status()
         if isinstance(message, ProfileRequest):
-            return await self._profile(message.dtype, message.hidden)
+            return await self.measurements.profile(message.dtype, message.hidden)
         if isinstance(message, ProbeLink):
-            return await self._probe(message)
+            return await self.measurements.probe(message)
         if isinstance(message, LoadSlice):
             self.controller = conn
             return await self._load(message)
@@ -242,61 +233,6 @@ class PeerDaemon:
             self._followed = trio.Event()
             return None
         raise ProtocolError(f"a peer does not accept {type(message).__name__}")
-
-    async def _probe(self, msg: ProbeLink) -> LinkReport:
-        """Ping another peer over a fresh authenticated connection."""
-        if not 1 <= msg.pings <= 100 or not 1 <= msg.bulk_bytes <= 64 << 20:
-            raise ProtocolError("probe sizes out of range")
-        async with open_connection(
-            msg.address,
-            self.identity,
-            self._cluster_key,
-            verify_signature,
-            expected_peer_id=msg.peer_id,
-            name=self.name,
-        ) as conn:
-
-            async def rtt(payload: bytes) -> float:
-                start = time.perf_counter()
-                await conn.send(Ping(0), payload)
-                with trio.fail_after(10):
-                    while not isinstance((await conn.receive())[0], Pong):
-                        pass
-                return time.perf_counter() - start
-
-            small = sorted([await rtt(b"") for _ in range(msg.pings)])
-            latency = small[len(small) // 2] / 2
-            bulk = await rtt(bytes(msg.bulk_bytes)) / 2
-        return LinkReport(msg.peer_id, latency, msg.bulk_bytes / max(bulk - latency, 1e-9))
-
-    async def _profile(self, dtype: str, hidden: int) -> Profile:
-        if dtype not in DTYPES or not 16 <= hidden <= 65536:
-            raise ProtocolError(f"cannot profile dtype {dtype!r} at width {hidden}")
-        if self._state_dir is not None:
-            rates, cached = await self._compute.run(cached_rates, self._state_dir, dtype, hidden)
-        elif (dtype, hidden) in self._rates:
-            rates, cached = self._rates[(dtype, hidden)], True
-        else:
-            rates = await self._compute.run(measure, dtype, hidden)
-            disk = await trio.to_thread.run_sync(measure_disk, Path(tempfile.gettempdir()))
-            rates, cached = attrs.evolve(rates, disk_read_bytes_s=disk), False
-        self._rates[(dtype, hidden)] = rates
-        total, available = memory()
-        if self.max_memory:
-            available = min(available, self.max_memory)
-        return Profile(
-            self.peer_id,
-            self.name,
-            dtype,
-            total,
-            available,
-            rates.bandwidth_bytes_s,
-            rates.flops_s,
-            rates.disk_read_bytes_s,
-            rates.layer_overhead_s,
-            cached,
-            self.max_memory or 0,
-        )
 
     @property
     def _successor(self) -> Connection | None:
