@@ -2,51 +2,52 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
-import os
 import sys
 import time
+from typing import Any
 
-from dnet.config import GenerateSettings, default_cache_dir
+from dnet.config import (
+    GENERATE,
+    PEER,
+    GenerateSettings,
+    PeerSettings,
+    SettingsError,
+    build_parser,
+)
 from dnet.errors import DnetError
 
 log = logging.getLogger(__name__)
 
 
-def _generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dnet-generate",
-        description="Generate text by running a model as several layer slices in one process "
-        "(activations cross every slice boundary as bytes, as they will between peers).",
-    )
-    p.add_argument(
-        "--model",
-        help="model directory, .gguf file, cached HF repo id, or smollm2-135m (the default)",
-    )
-    p.add_argument("--slices", type=int, help="how many slices to cut the model into (default 2)")
-    p.add_argument("--prompt", help="the user message")
-    p.add_argument("--max-tokens", type=int, help="new tokens to generate (default 48)")
-    p.add_argument("--temperature", type=float, help="0 is greedy (default)")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument(
-        "--prefill-chunk", type=int, help="prompt tokens per prefill step (default 2048)"
-    )
-    p.add_argument("--no-openblas", action="store_true", help="keep MLX's bundled BLAS")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default)")
-    return p
+GENERATE_HELP = (
+    "Generate text by running a model as several layer slices in one process "
+    "(activations cross every slice boundary as bytes, as they will between peers)."
+)
+PEER_HELP = (
+    "Run a dnet peer: hold a slice of a model's layers and serve it over an "
+    "authenticated WebSocket."
+)
+
+
+def _settings(cls: Any, command: str, help_text: str, argv: list[str] | None) -> Any:
+    """Settings from argv and the environment; exits 2 on a bad environment value."""
+    args = build_parser(command, help_text).parse_args(argv)
+    try:
+        return cls.from_args(args)
+    except SettingsError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def generate_main(argv: list[str] | None = None) -> int:
-    settings = GenerateSettings.from_args(_generate_parser().parse_args(argv))
+    settings = _settings(GenerateSettings, GENERATE, GENERATE_HELP, argv)
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
     if settings.use_openblas:
         from dnet.runtime.blas import preload_openblas
 
-        preload_openblas(cache_dir=settings.cache_dir / "native")
+        preload_openblas(cache_dir=settings.cache_dir / "native", skinny=settings.use_skinny_kernel)
     try:
         return _generate(settings)
     except DnetError as exc:
@@ -56,10 +57,10 @@ def generate_main(argv: list[str] | None = None) -> int:
 
 def _generate(settings: GenerateSettings) -> int:
     from dnet.demo import demo_model
+    from dnet.models.model_dir import open_model_dir
+    from dnet.models.tokenizer import load_tokenizer
     from dnet.runtime.blas import loaded_blas
     from dnet.runtime.local import even_cuts, generate, load_chain
-    from dnet.runtime.model_dir import open_model_dir
-    from dnet.runtime.tokenizer import chat_prompt, load_tokenizer
     from dnet.sampling import SamplingParams
 
     model = open_model_dir(demo_model(settings.model, settings.cache_dir))
@@ -85,10 +86,9 @@ def _generate(settings: GenerateSettings) -> int:
         file=sys.stderr,
     )
     tokenizer = load_tokenizer(model.path, eos_token_ids=model.config.get("eos_token_id"))
-    prompt = chat_prompt(tokenizer, [{"role": "user", "content": settings.prompt}])
+    prompt = tokenizer.chat_prompt([{"role": "user", "content": settings.prompt}])
     print(f"> {settings.prompt}", file=sys.stderr)
-    detok = tokenizer.detokenizer
-    detok.reset()
+    text = tokenizer.stream()
     start = time.perf_counter()
     first_at = None
     n = 0
@@ -104,10 +104,8 @@ def _generate(settings: GenerateSettings) -> int:
         n += 1
         if token.token_id in tokenizer.eos_token_ids:
             break
-        detok.add_token(token.token_id)
-        print(detok.last_segment, end="", flush=True)
-    detok.finalize()
-    print(detok.last_segment, flush=True)
+        print(text.add(token.token_id), end="", flush=True)
+    print(text.finish(), flush=True)
     end = time.perf_counter()
     ttft = (first_at or end) - start
     rate = (n - 1) / (end - first_at) if first_at and n > 1 and end > first_at else 0.0
@@ -122,52 +120,8 @@ if __name__ == "__main__":
     raise SystemExit(generate_main())
 
 
-def _peer_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dnet-peer",
-        description="Run a dnet peer: hold a slice of a model's layers and serve it over an "
-        "authenticated WebSocket.",
-    )
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port to listen on (default 0: any free port)")
-    p.add_argument("--name", help="a human name for this peer (default: the host name)")
-    p.add_argument(
-        "--state-dir", help="where the identity and cluster keys live (default ~/.local/state/dnet)"
-    )
-    p.add_argument(
-        "--cluster-key-file", help="file holding the cluster key (hex); DNET_CLUSTER_KEY also works"
-    )
-    p.add_argument("--no-mdns", action="store_true", help="do not advertise over mDNS")
-    p.add_argument(
-        "--max-memory",
-        metavar="SIZE",
-        type=_size_arg,
-        help="memory this peer offers for a model's weights and KV cache, e.g. 512MiB or "
-        "2GiB (DNET_MAX_MEMORY; default: what the machine has free)",
-    )
-    p.add_argument("--no-openblas", action="store_true", help="keep MLX's bundled BLAS")
-    p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
-    return p
-
-
-def _size_arg(text: str) -> str:
-    from dnet.config import parse_size
-
-    try:
-        parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def peer_main(argv: list[str] | None = None) -> int:
-    from dnet.config import PeerSettings
-
-    try:
-        settings = PeerSettings.from_args(_peer_parser().parse_args(argv))
-    except ValueError as exc:  # DNET_MAX_MEMORY that is not a size
-        print(f"dnet-peer: {exc}", file=sys.stderr)
-        return 2
+    settings = _settings(PeerSettings, PEER, PEER_HELP, argv)
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -175,7 +129,9 @@ def peer_main(argv: list[str] | None = None) -> int:
         from dnet.runtime.blas import preload_openblas
 
         preload_openblas(
-            settings.openblas_thread_timeout, cache_dir=default_cache_dir(os.environ) / "native"
+            settings.openblas_thread_timeout,
+            cache_dir=settings.cache_dir / "native",
+            skinny=settings.use_skinny_kernel,
         )
     from dnet.runtime.device_profile import return_large_frees
 

@@ -3,10 +3,8 @@ API; ``--headless`` runs it without the dashboard."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
-import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -14,85 +12,24 @@ from typing import Any
 
 import attrs
 
-from dnet.config import ConsoleSettings
+from dnet.config import CONSOLE, ConsoleSettings, SettingsError, build_parser
 from dnet.errors import DnetError
 
 log = logging.getLogger("dnet.cli")
 
 
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
-    return value
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dnet-console",
-        description="Run the dnet head: find peers, place and load a model across them, "
-        "and serve the OpenAI API.",
-    )
-    p.add_argument("--headless", action="store_true", help="no dashboard: just the head and API")
-    p.add_argument(
-        "--demo",
-        action="store_true",
-        help="start two local peers that split a model (default: SmolLM2-135M-Instruct) "
-        "and load it (peers stopped on exit)",
-    )
-    p.add_argument("--connect", metavar="URL", help="attach the dashboard to a running head")
-    p.add_argument("--http-host", help="API address (default 127.0.0.1)")
-    p.add_argument("--http-port", type=int, help="API port (default 8080; 0 = any free port)")
-    p.add_argument(
-        "--peer", action="append", metavar="HOST:PORT", help="a peer to use (repeatable)"
-    )
-    p.add_argument("--peers-file", help="a file of peer addresses, one per line")
-    p.add_argument("--no-mdns", action="store_true", help="do not look for peers over mDNS")
-    p.add_argument(
-        "--interface",
-        action="append",
-        metavar="IPV4",
-        help="browse mDNS on this address (repeatable; default: every non-loopback IPv4)",
-    )
-    p.add_argument(
-        "--model",
-        help="prepare and load this model at start: a directory, a .gguf file, a cached HF "
-        "repo id, or smollm2-135m",
-    )
-    p.add_argument(
-        "--state-dir", help="where the head's identity lives (default ~/.local/state/dnet)"
-    )
-    p.add_argument(
-        "--cluster-key-file", help="file holding the cluster key (hex); DNET_CLUSTER_KEY also works"
-    )
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (DNET_API_KEY)")
-    p.add_argument(
-        "--cors-origin",
-        metavar="ORIGIN",
-        help="let browser apps from ORIGIN (or *) call the API (default: none)",
-    )
-    p.add_argument(
-        "--max-concurrent", type=int, help="requests served at once; more get 429 (default 64)"
-    )
-    p.add_argument("--context", type=int, help="context length to place for (default 4096)")
-    p.add_argument(
-        "--compute-dtype",
-        choices=["float32", "float16", "bfloat16"],
-        help="widen weights at load (float32: CPUs' fast path; default: as stored)",
-    )
-    p.add_argument(
-        "--decode-lanes",
-        type=_at_least_one,
-        metavar="N",
-        help="batches of running requests kept in flight around the ring "
-        "(default: one per machine of the ring)",
-    )
-    p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
-    return p
+CONSOLE_HELP = (
+    "Run the dnet head: find peers, place and load a model across them, and serve the OpenAI API."
+)
 
 
 def console_main(argv: list[str] | None = None) -> int:
-    settings = ConsoleSettings.from_args(_parser().parse_args(argv))
+    args = build_parser(CONSOLE, CONSOLE_HELP).parse_args(argv)
+    try:
+        settings = ConsoleSettings.from_args(args)
+    except SettingsError as exc:
+        print(f"dnet-console: {exc}", file=sys.stderr)
+        return 2
     if settings.connect:
         return _dashboard(settings, None)
     if settings.demo:
@@ -175,7 +112,6 @@ def _demo(settings: ConsoleSettings) -> int:
     """Two local peers, the tiny demo model loaded across them, and the console."""
     import tempfile
 
-    from dnet.config import default_cache_dir
     from dnet.demo import open_demo, port_is_free
 
     root = Path(tempfile.mkdtemp(prefix="dnet-demo-"))
@@ -183,7 +119,7 @@ def _demo(settings: ConsoleSettings) -> int:
         settings = attrs.evolve(settings, http_port=0)
     try:
         with open_demo(
-            root, default_cache_dir(os.environ), model=settings.model, context=settings.context
+            root, settings.cache_dir, model=settings.model, context=settings.context
         ) as demo:
             demo_settings = attrs.evolve(
                 settings,
@@ -218,6 +154,33 @@ def _mdns_interfaces(settings: ConsoleSettings) -> list[str]:
     )
 
 
+def _head_options(settings: ConsoleSettings) -> dict[str, Any]:
+    return {
+        "max_concurrent": settings.max_concurrent,
+        "context": settings.context,
+        "compute_dtype": settings.compute_dtype,
+        "decode_lanes": settings.decode_lanes,
+    }
+
+
+async def _serve_until(
+    app: Any, settings: ConsoleSettings, stop: Any, served: Any, task_status: Any
+) -> None:
+    """Serve the API until ``stop`` is set; ``served`` once it has finished."""
+    from dnet.api.server import serve_api
+
+    try:
+        await serve_api(
+            app,
+            settings.http_host,
+            settings.http_port,
+            shutdown_trigger=stop.wait,
+            task_status=task_status,
+        )
+    finally:
+        served.set()
+
+
 async def serve_head(
     settings: ConsoleSettings,
     identity: object,
@@ -234,7 +197,7 @@ async def serve_head(
 
     from dnet.api.app import create_app
     from dnet.api.logs import LogBuffer
-    from dnet.api.server import GRACEFUL_TIMEOUT_S, serve_api
+    from dnet.api.server import GRACEFUL_TIMEOUT_S
     from dnet.head.coordinator import open_coordinator
     from dnet.identity import Identity
 
@@ -249,10 +212,7 @@ async def serve_head(
                 key,
                 static_peers=peers,
                 mdns_interfaces=interfaces,
-                max_concurrent=settings.max_concurrent,
-                context=settings.context,
-                compute_dtype=settings.compute_dtype,
-                decode_lanes=settings.decode_lanes,
+                **_head_options(settings),
             ) as coordinator,
             trio.open_nursery() as nursery,
         ):
@@ -260,20 +220,7 @@ async def serve_head(
                 coordinator, api_key=settings.api_key, logs=logs, cors_origin=settings.cors_origin
             )
             served = trio.Event()
-
-            async def serve(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-                try:
-                    await serve_api(
-                        app,
-                        settings.http_host,
-                        settings.http_port,
-                        shutdown_trigger=stop.wait,
-                        task_status=task_status,
-                    )
-                finally:
-                    served.set()
-
-            url = await nursery.start(serve)
+            url = await nursery.start(_serve_until, app, settings, stop, served)
             log.info(
                 "head %s serving %s; mDNS on %s",
                 identity.peer_id[:12],

@@ -1,20 +1,27 @@
-"""Settings: read once (flags > ``DNET_*`` environment > defaults) and passed down.
+"""Settings: one table of options (``OPTIONS``) from which each command's flags,
+``DNET_*`` environment variables, defaults and ``--help`` come. Read once (a flag
+that was given > the environment > the default; a given ``0`` counts) and passed
+down as frozen values.
 
 This is the only module that reads the environment.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+
+PEER, CONSOLE, GENERATE = "dnet-peer", "dnet-console", "dnet-generate"
+ALL = (PEER, CONSOLE, GENERATE)
 
 
 def parse_size(text: str) -> int:
@@ -37,11 +44,198 @@ def parse_size(text: str) -> int:
     return size
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{value} is not a positive number")
+    return value
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{value} is not a port")
+    return value
+
+
+def path(text: str) -> Path:
+    return Path(text).expanduser()
+
+
+def switch(text: str) -> bool:
+    """``0``/``false``/``no``/``off`` turn a switch off; anything else on."""
+    return text.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def _home(env: Mapping[str, str], xdg: str, fallback: str) -> Path:
+    return Path(env.get(xdg) or Path.home() / fallback) / "dnet"
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    if "DNET_STATE_DIR" in env:
+        return Path(env["DNET_STATE_DIR"]).expanduser()
+    return _home(env, "XDG_STATE_HOME", ".local/state")
+
+
 def default_cache_dir(env: Mapping[str, str]) -> Path:
     if "DNET_CACHE_DIR" in env:
         return Path(env["DNET_CACHE_DIR"]).expanduser()
-    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dnet"
+    return _home(env, "XDG_CACHE_HOME", ".cache")
+
+
+@attrs.frozen
+class Option:
+    """One setting. ``flag`` (None: environment only) is ``--name`` for a value,
+    ``--no-name`` for a switch that turns it off; ``parse`` reads a flag's or the
+    environment's text; ``default`` is a value or a function of the environment."""
+
+    name: str
+    help: str
+    commands: tuple[str, ...]
+    flag: str | None = None
+    env: str | None = None
+    default: Any = None
+    parse: Callable[[str], Any] = str
+    action: str = "value"  # value | off (a --no-… switch) | on | append
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    defaults: Mapping[str, Any] = attrs.field(factory=dict)  # per command
+
+    def default_for(self, command: str, env: Mapping[str, str]) -> Any:
+        value = self.defaults.get(command, self.default)
+        return value(env) if callable(value) else value
+
+
+_KEY_FILE = "file holding the cluster key (hex); DNET_CLUSTER_KEY also works"
+OPTIONS: tuple[Option, ...] = (
+    # dnet-console
+    Option("headless", "no dashboard: just the head and API", (CONSOLE,), "--headless", action="on", default=False),
+    Option("demo", "start two local peers that split a model (default: SmolLM2-135M-Instruct) and load it (peers stopped on exit)", (CONSOLE,), "--demo", action="on", default=False),
+    Option("connect", "attach the dashboard to a running head", (CONSOLE,), "--connect", metavar="URL"),
+    Option("http_host", "API address (default 127.0.0.1)", (CONSOLE,), "--http-host", "DNET_HTTP_HOST", "127.0.0.1"),
+    Option("http_port", "API port (default 8080; 0 = any free port)", (CONSOLE,), "--http-port", "DNET_HTTP_PORT", 8080, port),
+    Option("peers", "a peer to use (repeatable)", (CONSOLE,), "--peer", action="append", metavar="HOST:PORT", default=()),
+    Option("peers_file", "a file of peer addresses, one per line", (CONSOLE,), "--peers-file", "DNET_PEERS_FILE", parse=path),
+    Option("interfaces", "browse mDNS on this address (repeatable; default: every non-loopback IPv4)", (CONSOLE,), "--interface", action="append", metavar="IPV4", default=()),
+    Option("api_key", "require 'Authorization: Bearer KEY' on /v1", (CONSOLE,), "--api-key", "DNET_API_KEY"),
+    Option("cors_origin", "let browser apps from ORIGIN (or *) call the API (default: none)", (CONSOLE,), "--cors-origin", "DNET_CORS_ORIGIN", metavar="ORIGIN"),
+    Option("max_concurrent", "requests served at once; more get 429 (default 64)", (CONSOLE,), "--max-concurrent", "DNET_MAX_CONCURRENT", 64, positive_int),
+    Option("context", "context length to place for (default 4096)", (CONSOLE,), "--context", "DNET_CONTEXT", 4096, positive_int),
+    Option("compute_dtype", "widen weights at load (float32: CPUs' fast path; default: as stored)", (CONSOLE,), "--compute-dtype", "DNET_COMPUTE_DTYPE", choices=("float32", "float16", "bfloat16")),
+    Option("decode_lanes", "batches of running requests kept in flight around the ring (default: one per machine of the ring)", (CONSOLE,), "--decode-lanes", "DNET_DECODE_LANES", parse=positive_int, metavar="N"),
+    Option("wait_peers_s", "seconds to wait for peers before loading --model", (CONSOLE,), env="DNET_WAIT_PEERS", default=30.0, parse=float),
+    # dnet-peer
+    Option("host", "address to listen on (default 127.0.0.1)", (PEER,), "--host", "DNET_HOST", "127.0.0.1"),
+    Option("port", "port to listen on (default 0: any free port)", (PEER,), "--port", "DNET_PORT", 0, port),
+    Option("name", "a human name for this peer (default: the host name)", (PEER,), "--name", "DNET_NAME", lambda env: socket.gethostname()),
+    Option("max_memory", "memory this peer offers for a model's weights and KV cache, e.g. 512MiB or 2GiB (default: what the machine has free)", (PEER,), "--max-memory", "DNET_MAX_MEMORY", parse=parse_size, metavar="SIZE"),
+    Option("request_idle_timeout_s", "seconds before an idle request's KV cache is freed", (PEER,), env="DNET_REQUEST_IDLE_TIMEOUT", default=600.0, parse=float),
+    # shared
+    Option("model", "model: a directory, a .gguf file, a cached HF repo id, or smollm2-135m (the default)", (CONSOLE, GENERATE), "--model", "DNET_MODEL"),
+    Option("state_dir", "where the identity and cluster keys live (default ~/.local/state/dnet)", (PEER, CONSOLE), "--state-dir", "DNET_STATE_DIR", default_state_dir, path),
+    Option("cluster_key_file", _KEY_FILE, (PEER, CONSOLE), "--cluster-key-file", "DNET_CLUSTER_KEY_FILE", parse=path),
+    Option("cluster_key", "the cluster key, hex (overrides key files)", (PEER, CONSOLE), env="DNET_CLUSTER_KEY"),
+    Option("mdns", "do not advertise or look for peers over mDNS", (PEER, CONSOLE), "--no-mdns", "DNET_MDNS", True, switch, action="off"),
+    Option("use_openblas", "keep MLX's bundled BLAS", (PEER, GENERATE), "--no-openblas", "DNET_OPENBLAS", True, switch, action="off"),
+    Option("use_skinny_kernel", "decode's skinny products to dnet's kernel (0: to OpenBLAS too)", ALL, env="DNET_SKINNY", default=True, parse=switch),
+    Option("cache_dir", "where generated models and built kernels live", ALL, env="DNET_CACHE_DIR", default=default_cache_dir, parse=path),
+    Option("log_level", "DEBUG, INFO (default), WARNING", ALL, "--log-level", "DNET_LOG_LEVEL", "INFO", str.upper, defaults={GENERATE: "WARNING"}),
+    # dnet-generate
+    Option("slices", "how many slices to cut the model into (default 2)", (GENERATE,), "--slices", default=2, parse=positive_int),
+    Option("prompt", "the user message", (GENERATE,), "--prompt", default="Tell me a story about a fox and a crow."),
+    Option("max_tokens", "new tokens to generate (default 48)", (GENERATE,), "--max-tokens", default=48, parse=positive_int),
+    Option("temperature", "0 is greedy (default)", (GENERATE,), "--temperature", default=0.0, parse=float),
+    Option("top_p", "nucleus sampling (default 1: off)", (GENERATE,), "--top-p", default=1.0, parse=float),
+    Option("top_k", "sample from the k most likely (default 0: off)", (GENERATE,), "--top-k", default=0, parse=int),
+    Option("seed", "sampling seed", (GENERATE,), "--seed", parse=int),
+    Option("prefill_chunk", "prompt tokens per prefill step (default 2048)", (GENERATE,), "--prefill-chunk", default=2048, parse=positive_int),
+)  # fmt: skip
+
+
+class SettingsError(ValueError):
+    """An environment variable that does not parse."""
+
+
+def build_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """``command``'s flags and ``--help``, from ``OPTIONS``."""
+    p = argparse.ArgumentParser(prog=command, description=description)
+    for o in OPTIONS:
+        if command not in o.commands or o.flag is None:
+            continue
+        text = f"{o.help} [{o.env}]" if o.env else o.help
+        if o.action in ("on", "off"):
+            p.add_argument(o.flag, dest=o.name, action="store_true", default=None, help=text)
+        else:
+            p.add_argument(
+                o.flag,
+                dest=o.name,
+                type=_argparse_type(o.parse),
+                action="append" if o.action == "append" else "store",
+                metavar=o.metavar,
+                choices=o.choices,
+                help=text,
+            )
+    return p
+
+
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def resolve(command: str, args: object, env: Mapping[str, str]) -> dict[str, Any]:
+    """Every option of ``command``: its flag if given, else its environment
+    variable, else its default.
+
+    Raises:
+        SettingsError: an environment variable that does not parse.
+    """
+    values: dict[str, Any] = {}
+    for o in OPTIONS:
+        if command not in o.commands:
+            continue
+        given = getattr(args, o.name, None)
+        if given is not None:
+            value = {"off": False, "on": True}.get(o.action, given)
+            values[o.name] = tuple(value) if o.action == "append" else value
+        elif o.env is not None and env.get(o.env, "") != "":
+            try:
+                values[o.name] = o.parse(env[o.env])
+            except ValueError as exc:
+                raise SettingsError(f"{o.env}={env[o.env]!r}: {exc}") from None
+        else:
+            values[o.name] = o.default_for(command, env)
+    return values
+
+
+def _from(cls: Any, command: str, args: object, env: Mapping[str, str] | None) -> Any:
+    env = os.environ if env is None else env
+    values = resolve(command, args, env)
+    fields = {f.name for f in attrs.fields(cls)}
+    extra = {"openblas_thread_timeout": None if "OPENBLAS_THREAD_TIMEOUT" in env else 20}
+    return cls(**{k: v for k, v in {**values, **extra}.items() if k in fields})
+
+
+@attrs.frozen
+class RuntimeSettings:
+    """What every process that runs MLX reads: the BLAS it loads, the decode
+    kernel switch, and where built kernels and generated models are cached."""
+
+    use_openblas: bool = True
+    use_skinny_kernel: bool = True
+    cache_dir: Path = Path(".")
+    # None: leave OpenBLAS's own setting (the user set OPENBLAS_THREAD_TIMEOUT).
+    openblas_thread_timeout: int | None = 20
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RuntimeSettings:
+        return _from(cls, GENERATE, None, env)
 
 
 @attrs.frozen
@@ -58,37 +252,13 @@ class GenerateSettings:
     seed: int | None
     prefill_chunk: int
     use_openblas: bool
+    use_skinny_kernel: bool
     cache_dir: Path
     log_level: str
 
     @classmethod
     def from_args(cls, args: object, env: Mapping[str, str] | None = None) -> GenerateSettings:
-        env = os.environ if env is None else env
-
-        def get(name: str) -> Any:
-            return getattr(args, name, None)
-
-        return cls(
-            model=get("model") or env.get("DNET_MODEL"),
-            slices=get("slices") or 2,
-            prompt=get("prompt") or "Tell me a story about a fox and a crow.",
-            max_tokens=get("max_tokens") or 48,
-            temperature=get("temperature") if get("temperature") is not None else 0.0,
-            top_p=get("top_p") if get("top_p") is not None else 1.0,
-            top_k=get("top_k") or 0,
-            seed=get("seed"),
-            prefill_chunk=get("prefill_chunk") or 2048,
-            use_openblas=not get("no_openblas") and env.get("DNET_OPENBLAS", "1") != "0",
-            cache_dir=default_cache_dir(env),
-            log_level=(get("log_level") or env.get("DNET_LOG_LEVEL") or "WARNING").upper(),
-        )
-
-
-def default_state_dir(env: Mapping[str, str]) -> Path:
-    if "DNET_STATE_DIR" in env:
-        return Path(env["DNET_STATE_DIR"]).expanduser()
-    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "dnet"
+        return _from(cls, GENERATE, args, env)
 
 
 @attrs.frozen
@@ -100,43 +270,19 @@ class PeerSettings:
     name: str = ""
     state_dir: Path = Path(".")
     cluster_key_file: Path | None = None
-    cluster_key: str | None = None  # DNET_CLUSTER_KEY
+    cluster_key: str | None = None
     mdns: bool = True
     request_idle_timeout_s: float = 600.0
     max_memory: int | None = None  # bytes this peer offers for weights and KV; None: what is free
     use_openblas: bool = True
-    # None: leave OpenBLAS's own setting (the user set OPENBLAS_THREAD_TIMEOUT).
+    use_skinny_kernel: bool = True
+    cache_dir: Path = Path(".")
     openblas_thread_timeout: int | None = 20
     log_level: str = "INFO"
 
     @classmethod
     def from_args(cls, args: object, env: Mapping[str, str] | None = None) -> PeerSettings:
-        env = os.environ if env is None else env
-
-        def get(name: str) -> Any:
-            return getattr(args, name, None)
-
-        key_file = get("cluster_key_file") or env.get("DNET_CLUSTER_KEY_FILE")
-        return cls(
-            host=get("host") or env.get("DNET_HOST") or "127.0.0.1",
-            port=get("port") if get("port") is not None else int(env.get("DNET_PORT", "0")),
-            name=get("name") or env.get("DNET_NAME") or socket.gethostname(),
-            state_dir=Path(get("state_dir")).expanduser()
-            if get("state_dir")
-            else default_state_dir(env),
-            cluster_key_file=Path(key_file).expanduser() if key_file else None,
-            cluster_key=env.get("DNET_CLUSTER_KEY") or None,
-            mdns=not get("no_mdns") and env.get("DNET_MDNS", "1") != "0",
-            request_idle_timeout_s=float(env.get("DNET_REQUEST_IDLE_TIMEOUT", "600")),
-            max_memory=_size(get("max_memory") or env.get("DNET_MAX_MEMORY")),
-            use_openblas=not get("no_openblas") and env.get("DNET_OPENBLAS", "1") != "0",
-            openblas_thread_timeout=None if "OPENBLAS_THREAD_TIMEOUT" in env else 20,
-            log_level=(get("log_level") or env.get("DNET_LOG_LEVEL") or "INFO").upper(),
-        )
-
-
-def _size(text: str | None) -> int | None:
-    return parse_size(text) if text else None
+        return _from(cls, PEER, args, env)
 
 
 @attrs.frozen
@@ -163,40 +309,9 @@ class ConsoleSettings:
     compute_dtype: str | None = None
     decode_lanes: int | None = None  # None: one per machine of the ring
     wait_peers_s: float = 30.0
+    cache_dir: Path = Path(".")
     log_level: str = "INFO"
 
     @classmethod
     def from_args(cls, args: object, env: Mapping[str, str] | None = None) -> ConsoleSettings:
-        env = os.environ if env is None else env
-
-        def get(name: str) -> Any:
-            return getattr(args, name, None)
-
-        key_file = get("cluster_key_file") or env.get("DNET_CLUSTER_KEY_FILE")
-        peers_file = get("peers_file") or env.get("DNET_PEERS_FILE")
-        port = get("http_port")
-        return cls(
-            headless=bool(get("headless")),
-            demo=bool(get("demo")),
-            connect=get("connect"),
-            http_host=get("http_host") or env.get("DNET_HTTP_HOST") or "127.0.0.1",
-            http_port=port if port is not None else int(env.get("DNET_HTTP_PORT", "8080")),
-            peers=tuple(get("peer") or ()),
-            peers_file=Path(peers_file).expanduser() if peers_file else None,
-            mdns=not get("no_mdns") and env.get("DNET_MDNS", "1") != "0",
-            interfaces=tuple(get("interface") or ()),
-            model=get("model") or env.get("DNET_MODEL"),
-            state_dir=Path(get("state_dir")).expanduser()
-            if get("state_dir")
-            else default_state_dir(env),
-            cluster_key_file=Path(key_file).expanduser() if key_file else None,
-            cluster_key=env.get("DNET_CLUSTER_KEY") or None,
-            api_key=get("api_key") or env.get("DNET_API_KEY") or None,
-            cors_origin=get("cors_origin") or env.get("DNET_CORS_ORIGIN") or None,
-            max_concurrent=get("max_concurrent") or int(env.get("DNET_MAX_CONCURRENT", "64")),
-            context=get("context") or int(env.get("DNET_CONTEXT", "4096")),
-            compute_dtype=get("compute_dtype") or env.get("DNET_COMPUTE_DTYPE") or None,
-            decode_lanes=get("decode_lanes") or int(env.get("DNET_DECODE_LANES", "0")) or None,
-            wait_peers_s=float(env.get("DNET_WAIT_PEERS", "30")),
-            log_level=(get("log_level") or env.get("DNET_LOG_LEVEL") or "INFO").upper(),
-        )
+        return _from(cls, CONSOLE, args, env)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -22,10 +20,9 @@ from pathlib import Path
 import attrs
 
 from dnet.errors import DnetError
+from dnet.peer.process import PeerProcess, PeerStartFailed, stop_all
 
 log = logging.getLogger(__name__)
-
-_LINE = re.compile(r"dnet-peer listening (ws://\S+) peer-id=(\S+)")
 
 
 class DemoFailed(DnetError):
@@ -49,7 +46,7 @@ SPLIT_SHARE = 0.6
 def demo_model(model: str | None, cache_dir: Path) -> str:
     """The model the demo loads: ``model``, else the packaged default, else (when
     its package is missing) the tiny random-weight model."""
-    from dnet.runtime.packaged import DEFAULT_MODEL, find_packaged
+    from dnet.models.packaged import DEFAULT_MODEL, find_packaged
 
     if model:
         return model
@@ -57,15 +54,31 @@ def demo_model(model: str | None, cache_dir: Path) -> str:
         find_packaged(DEFAULT_MODEL)
         return DEFAULT_MODEL
     except DnetError as exc:
-        from dnet.runtime.tiny import DEMO_SPEC, ensure_tiny_model
-
-        path = ensure_tiny_model(cache_dir / "models", DEMO_SPEC)
+        path = _tiny_model(cache_dir / "models")
         print(
             f"dnet: {exc.message}; using a tiny model of random weights instead (expect "
             f"gibberish): {path}",
             file=sys.stderr,
         )
         return str(path)
+
+
+def _tiny_model(root: Path) -> Path:
+    """The tiny demo model, made in a child process: making weights takes MLX, which
+    the head's process never loads.
+
+    Raises:
+        DemoFailed
+    """
+    made = subprocess.run(
+        [sys.executable, "-m", "dnet.runtime.tiny", str(root)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if made.returncode != 0:
+        raise DemoFailed(f"could not make the tiny demo model: {made.stderr.strip()[-2000:]}")
+    return Path(made.stdout.strip().splitlines()[-1])
 
 
 def split_budget(model: str, context: int, peers: int) -> int | None:
@@ -75,8 +88,8 @@ def split_budget(model: str, context: int, peers: int) -> int | None:
     Raises:
         ModelNotFound, InvalidModel
     """
-    from dnet.runtime.model_dir import open_model_dir
-    from dnet.runtime.model_profile import model_profile
+    from dnet.models.model_dir import open_model_dir
+    from dnet.models.model_profile import model_profile
     from dnet.solver.solve import HEADROOM
 
     if peers < 2:
@@ -114,48 +127,20 @@ def open_demo(
         log.info("each demo peer offers %.0f MiB (--max-memory)", budget / 2**20)
     key = secrets.token_bytes(32)
     env = dict(os.environ, DNET_CLUSTER_KEY=key.hex())
-    started: list[subprocess.Popen[str]] = []
-    addresses: list[str] = []
+    started: list[PeerProcess] = []
     try:
         for i in range(peers):
             state = root / f"peer{i}"
             state.mkdir(parents=True, exist_ok=True)
-            log_path = state / "peer.log"
-            with log_path.open("w") as peer_log:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "dnet.cli_peer",
-                        "--no-mdns",
-                        "--name",
-                        f"demo-{i}",
-                        "--state-dir",
-                        str(state),
-                        *(["--max-memory", str(budget)] if budget else []),
-                    ],
-                    stdout=subprocess.PIPE,
-                    stderr=peer_log,
-                    text=True,
-                    env=env,
-                )
-            started.append(proc)
-            assert proc.stdout is not None
-            match = _LINE.search(proc.stdout.readline())
-            if match is None:
-                raise DemoFailed(f"demo peer {i} did not start; see {log_path}")
-            addresses.append(match.group(1))
-            log.info("demo peer %d at %s", i, match.group(1))
-        yield Demo(model, tuple(addresses), key, root, budget)
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in started:
+            budget_args = ("--max-memory", str(budget)) if budget else ()
             try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-            if proc.stdout is not None:
-                proc.stdout.close()
+                peer = PeerProcess(
+                    state, f"demo-{i}", *budget_args, env=env, log=state / "peer.log"
+                )
+            except PeerStartFailed:
+                raise DemoFailed(f"demo peer {i} did not start; see {state / 'peer.log'}") from None
+            started.append(peer)
+            log.info("demo peer %d at %s", i, peer.address)
+        yield Demo(model, tuple(p.address for p in started), key, root, budget)
+    finally:
+        stop_all(started)

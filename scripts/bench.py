@@ -63,13 +63,13 @@ import sys
 import time
 from pathlib import Path
 
+from dnet.config import RuntimeSettings
+
 # OpenBLAS must be loaded before anything imports mlx.core.
 from dnet.runtime.blas import loaded_blas, preload_openblas
 
-if os.environ.get("DNET_OPENBLAS", "1") != "0":
-    from dnet.config import default_cache_dir as _cache_dir
-
-    preload_openblas(cache_dir=_cache_dir(os.environ) / "native")
+if (_runtime := RuntimeSettings.from_env()).use_openblas:
+    preload_openblas(cache_dir=_runtime.cache_dir / "native", skinny=_runtime.use_skinny_kernel)
 
 import mlx.core as mx
 from bench_common import _loaded_ring, _on_peers, _pct, _time_stream, run_mlx_lm, timed_generate
@@ -77,8 +77,7 @@ from bench_default import add_parser as add_default_parser
 from bench_default import bench_default
 from mlx_lm import load
 
-from dnet.config import default_cache_dir
-from dnet.head.ring import DEFAULT_PREFILL_CHUNK
+from dnet.head.session import PREFILL_CHUNK
 from dnet.runtime.local import even_cuts, generate, load_chain
 from dnet.runtime.tiny import TinySpec, ensure_tiny_model
 
@@ -130,7 +129,7 @@ def run_runtime(engines, prompt, n):
 
 
 def bench_runtime(args) -> dict:
-    cache = default_cache_dir(os.environ) / "models"
+    cache = _runtime.cache_dir / "models"
     report: dict = {
         "mode": "runtime",
         "machine": {
@@ -220,8 +219,8 @@ async def _ring_run(procs, cuts, path, prompt, n, pings):
         turnaround_us = [t * 1e6 for t in ring.turnarounds]
         payload = bytes(4 * 1024)  # one decode step's float32 activation (hidden 1024)
         for _ in range(20):
-            await ring.peers[0].ping(payload)
-        probes = [await ring.peers[0].ping(payload) for _ in range(pings)]
+            await ring.order[0].ping(payload)
+        probes = [await ring.order[0].ping(payload) for _ in range(pings)]
         hop_us = [p.from_peer * 1e6 for p in probes]
         to_peer_us = [p.to_peer * 1e6 for p in probes]
         half_rtt_us = [p.round_trip / 2 * 1e6 for p in probes]
@@ -247,7 +246,7 @@ async def _ring_run(procs, cuts, path, prompt, n, pings):
 
 def bench_ring(args) -> dict:
 
-    cache = default_cache_dir(os.environ) / "models"
+    cache = _runtime.cache_dir / "models"
     spec = _spec(args, args.dtype)
     path = ensure_tiny_model(cache, spec)
     prompt = [(i * 7919) % 150000 + 300 for i in range(args.prompt_tokens)]
@@ -370,7 +369,7 @@ def bench_throughput(args) -> dict:
 
     from dnet.runtime.device_profile import measure
 
-    cache = default_cache_dir(os.environ) / "models"
+    cache = _runtime.cache_dir / "models"
     path = ensure_tiny_model(cache, _spec(args, args.dtype))
     prompts = [
         [(i * 7919 + j * 104729) % 150000 + 300 for i in range(args.prompt_tokens)]
@@ -510,7 +509,7 @@ def bench_stall(args) -> dict:
     over the gap before it (the stall), against the time of one prefill chunk
     through the ring (the long prompt's TTFT alone over its chunk count)."""
 
-    cache = default_cache_dir(os.environ) / "models"
+    cache = _runtime.cache_dir / "models"
     path = ensure_tiny_model(cache, _spec(args, args.dtype))
     result = _on_peers(2, args.layers, _stall_run, path, args)
     return {
@@ -565,7 +564,7 @@ def main() -> int:
     st = sub.add_parser("stall", help="a long prompt arriving while streams decode")
     st.add_argument("--streams", type=int, default=3)
     st.add_argument("--long-prompt", type=int, default=1024)
-    st.add_argument("--chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
+    st.add_argument("--chunk", type=int, default=PREFILL_CHUNK)
     st.add_argument("--warm-tokens", type=int, default=6)
     st.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     st.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")

@@ -5,7 +5,6 @@ modes, after ``bench.py`` has loaded OpenBLAS."""
 from __future__ import annotations
 
 import os
-import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,50 +32,26 @@ def run_mlx_lm(model, tokenizer, prompt, n):
 
 
 def _start_peers(n: int, key_file: Path, state: Path) -> list:
-    import re
-    import subprocess
+    from dnet.peer.process import PeerProcess
 
     procs = []
-    for i in range(n):
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dnet.cli_peer",
-                "--state-dir",
-                str(state / f"p{i}"),
-                "--cluster-key-file",
-                str(key_file),
-                "--name",
-                f"bench{i}",
-                "--no-mdns",
-                "--log-level",
-                "WARNING",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        line = proc.stdout.readline()
-        match = re.search(r"listening (ws://\S+) peer-id=(\S+)", line)
-        if not match:
-            raise RuntimeError(f"dnet-peer did not start: {line!r}")
-        procs.append((proc, match.group(1), match.group(2)))
+    try:
+        for i in range(n):
+            procs.append(
+                PeerProcess(
+                    state / f"p{i}", f"bench{i}", "--log-level", "WARNING", key_file=key_file
+                )
+            )
+    except BaseException:
+        _stop_peers(procs)
+        raise
     return procs
 
 
 def _stop_peers(procs) -> None:
-    import signal
-    import subprocess
+    from dnet.peer.process import stop_all
 
-    for proc, _, _ in procs:
-        proc.send_signal(signal.SIGTERM)
-    for proc, _, _ in procs:
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        proc.stdout.close()
+    stop_all(procs)
 
 
 def _on_peers(n: int, layers: int, run, *args):
@@ -109,18 +84,16 @@ def on_peers(cuts, run, *args):
 async def _loaded_ring(procs, path, cuts, compute_dtype=None):
     """A ring over ``procs`` with ``path`` loaded at ``cuts`` (weights widened to
     ``compute_dtype``); yields it and the seconds the load took."""
-    from dnet.head.ring import PlanEntry, open_ring
+    from dnet.head.cluster import open_cluster
+    from dnet.head.loaded_ring import PlanEntry
     from dnet.identity import Identity
 
     key = bytes.fromhex(os.environ["DNET_BENCH_KEY"])
-    async with open_ring([a for _, a, _ in procs], Identity.generate(), key) as ring:
+    async with open_cluster([p.address for p in procs], Identity.generate(), key) as cluster:
         t0 = time.perf_counter()
-        await ring.load(
-            str(path),
-            [PlanEntry(pid, s, e) for (_, _, pid), (s, e) in zip(procs, cuts, strict=True)],
-            compute_dtype=compute_dtype,
-        )
-        yield ring, time.perf_counter() - t0
+        plan = [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(procs, cuts, strict=True)]
+        async with cluster.open_ring(str(path), plan, compute_dtype=compute_dtype) as ring:
+            yield ring, time.perf_counter() - t0
 
 
 async def timed_generate(ring, prompt, k):

@@ -20,13 +20,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from bench_common import _loaded_ring, on_peers, run_mlx_lm, timed_generate
 
+from dnet.models.model_dir import open_model_dir
+from dnet.models.model_profile import model_profile
+from dnet.models.packaged import DEFAULT_MODEL
+from dnet.models.tokenizer import load_tokenizer
 from dnet.runtime.architectures import model_classes
 from dnet.runtime.blas import loaded_blas
 from dnet.runtime.gguf_tensors import read_tensors
-from dnet.runtime.model_dir import open_model_dir
-from dnet.runtime.model_profile import model_profile
-from dnet.runtime.packaged import DEFAULT_MODEL
-from dnet.runtime.tokenizer import chat_prompt, load_tokenizer
 
 PROMPT = "Write a story about a fox and a crow who become friends."
 
@@ -71,7 +71,7 @@ async def _ring(procs, cuts, path, prompt, n, compute_dtype, repeats):
 def bench_default(args) -> dict:
     info = open_model_dir(args.model)
     tokenizer = load_tokenizer(info.path, eos_token_ids=info.config.get("eos_token_id"))
-    prompt = chat_prompt(tokenizer, [{"role": "user", "content": PROMPT}])
+    prompt = tokenizer.chat_prompt([{"role": "user", "content": PROMPT}])
     cuts = byte_halves(info)
     report: dict = {
         "mode": "default",

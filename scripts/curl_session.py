@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 API = "http://127.0.0.1:8080"
-# The default model's short name (dnet.runtime.packaged.DEFAULT_MODEL).
+# The default model's short name (dnet.models.packaged.DEFAULT_MODEL).
 MODEL = "smollm2-135m"
 START, END = "<!-- curl-session:start -->", "<!-- curl-session:end -->"
 JSON_TOOL = " | python3 -m json.tool"

@@ -26,8 +26,8 @@ from dnet.identity import load_cluster_key, load_identity
 
 async def run(args: argparse.Namespace) -> dict:
     from dnet.discovery.mdns import browse
+    from dnet.head.cluster import open_cluster
     from dnet.head.membership import follow_discovery
-    from dnet.head.ring import open_ring
     from dnet.head.topology import load_topology, prepare_topology, topology_json
 
     state = Path(args.state_dir) if args.state_dir else default_state_dir({}) / "head"
@@ -40,23 +40,22 @@ async def run(args: argparse.Namespace) -> dict:
     static = list(args.peer or []) + (
         read_peers_file(Path(args.peers_file)) if args.peers_file else []
     )
-    async with open_ring([], identity, key) as ring, trio.open_nursery() as nursery:
+    async with open_cluster([], identity, key) as cluster, trio.open_nursery() as nursery:
         send, receive = trio.open_memory_channel(100)
         start = time.perf_counter()
-        nursery.start_soon(follow_discovery, ring, receive)
+        nursery.start_soon(follow_discovery, cluster, receive)
         if not args.no_mdns:
             await nursery.start(browse, args.interface, send)
         await announce_static(static, send)
         with trio.fail_after(args.timeout):
-            while len(ring.peers) < args.expect:
-                await trio.sleep(0.02)
+            await cluster.wait_peers(args.expect)
         discovered = time.perf_counter() - start
-        topology = await prepare_topology(ring, args.model, context=args.context)
-        await load_topology(ring, topology)
+        topology = await prepare_topology(cluster, args.model, context=args.context)
+        ring = await load_topology(cluster, topology)
         prompt = (
             [int(t) for t in args.prompt_ids.split(",")]
             if args.prompt_ids
-            else ring.encode_chat([{"role": "user", "content": args.prompt}])
+            else ring.tokenizer.chat_prompt([{"role": "user", "content": args.prompt}])
         )
         tokens, text = [], []
         async with aclosing(ring.generate(prompt, max_tokens=args.max_tokens)) as events:
@@ -67,7 +66,7 @@ async def run(args: argparse.Namespace) -> dict:
         return {
             "discovered_s": discovered,
             "peers": [
-                {"peer_id": p.peer_id, "name": p.name, "address": p.address} for p in ring.peers
+                {"peer_id": p.peer_id, "name": p.name, "address": p.address} for p in cluster.peers
             ],
             "topology": topology_json(topology),
             "prompt": prompt,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dnet.runtime.model_dir import download_model
+from dnet.models.model_dir import download_model
 
 
 def main() -> int:

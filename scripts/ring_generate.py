@@ -25,9 +25,10 @@ from dnet.identity import load_cluster_key, load_identity
 
 
 async def run(args: argparse.Namespace) -> None:
-    from dnet.head.ring import PlanEntry, open_ring
+    from dnet.head.cluster import open_cluster
+    from dnet.head.loaded_ring import PlanEntry
+    from dnet.models.model_dir import open_model_dir
     from dnet.runtime.local import even_cuts
-    from dnet.runtime.model_dir import open_model_dir
     from dnet.sampling import SamplingParams
 
     state = Path(args.state_dir) if args.state_dir else default_state_dir({}) / "head"
@@ -36,17 +37,15 @@ async def run(args: argparse.Namespace) -> None:
         state, Path(args.cluster_key_file) if args.cluster_key_file else None
     )
     info = open_model_dir(args.model)
-    async with open_ring(args.peer, identity, key) as ring:
-        cuts = even_cuts(info.num_layers, len(ring.peers))
+    async with open_cluster(args.peer, identity, key) as cluster:
+        cuts = even_cuts(info.num_layers, len(cluster.peers))
         t0 = time.perf_counter()
-        await ring.load(
-            str(info.path),
-            [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(ring.peers, cuts, strict=True)],
-        )
-        for p, (s, e) in zip(ring.peers, cuts, strict=True):
+        plan = [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(cluster.peers, cuts, strict=True)]
+        ring = await cluster.load(info, plan)
+        for p, (s, e) in zip(ring.order, cuts, strict=True):
             print(f"{p.label}: layers {s}..{e - 1}", file=sys.stderr)
         print(f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        prompt = ring.encode_chat([{"role": "user", "content": args.prompt}])
+        prompt = ring.tokenizer.chat_prompt([{"role": "user", "content": args.prompt}])
         params = SamplingParams(temperature=args.temperature, seed=args.seed)
         start, first, n = time.perf_counter(), None, 0
         async with aclosing(ring.generate(prompt, params, max_tokens=args.max_tokens)) as events:

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models made once per test session."""
+"""Shared fixtures: tiny models made once per test session, and peer processes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from dnet.runtime.tiny import TinySpec, ensure_tiny_model
+
+from .processes import CLUSTER_KEY, PeerProcess
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +22,23 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return ensure_tiny_model(root, TinySpec(**fields))  # type: ignore[arg-type]
 
     return get
+
+
+@pytest.fixture
+def peer_processes(tmp_path):
+    """``peer_processes(n)``: start ``n`` more ``dnet-peer`` processes on the test
+    cluster's key; all stopped after the test."""
+    started: list[PeerProcess] = []
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text(CLUSTER_KEY.hex())
+
+    def start(n: int) -> list[PeerProcess]:
+        for _i in range(n):
+            started.append(
+                PeerProcess(tmp_path / f"state{len(started)}", key_file, f"sp{len(started)}")
+            )
+        return started[-n:]
+
+    yield start
+    for p in started:
+        p.stop()

@@ -15,6 +15,8 @@ from typing import Any
 import attrs
 
 from dnet.errors import InvalidRequest, InvalidSamplingParams
+from dnet.head.serving import GenerationOptions
+from dnet.head.text import Prompt
 from dnet.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP_STRINGS = 16
@@ -24,19 +26,15 @@ _UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "suffix", 
 
 @attrs.frozen
 class GenerationRequest:
-    """A chat (``messages``) or completion (``prompt``) request."""
+    """A chat (``messages``) or completion (``prompt``) request, as the head takes
+    it, with how the answer should travel."""
 
+    chat: bool
     model: str | None
-    params: SamplingParams
-    max_tokens: int | None
-    stop: tuple[str, ...]
+    prompt: Prompt
+    options: GenerationOptions
     stream: bool
     include_usage: bool
-    logprobs: bool
-    top_logprobs: int
-    messages: tuple[dict[str, str], ...] = ()
-    prompt: str | tuple[int, ...] = ""
-    echo: bool = False
 
 
 def parse_json(data: bytes) -> dict[str, Any]:
@@ -154,7 +152,9 @@ def _sampling(body: dict[str, Any], logprobs: bool, top_logprobs: int) -> Sampli
         raise InvalidRequest(exc.message, None, "invalid_value") from None
 
 
-def _common(body: dict[str, Any], logprobs: bool, top_logprobs: int) -> dict[str, Any]:
+def _common(
+    body: dict[str, Any], logprobs: bool, top_logprobs: int, max_tokens: int | None, echo: bool
+) -> dict[str, Any]:
     _refuse_unsupported(body)
     model = _typed(body, "model", str, "a string")
     if not model:
@@ -170,8 +170,13 @@ def _common(body: dict[str, Any], logprobs: bool, top_logprobs: int) -> dict[str
             raise InvalidRequest("'stream_options' must be an object", "stream_options")
     return {
         "model": model,
-        "params": _sampling(body, logprobs, top_logprobs),
-        "stop": _stop(body),
+        "options": GenerationOptions(
+            params=_sampling(body, logprobs, top_logprobs),
+            max_tokens=max_tokens,
+            stop=_stop(body),
+            logprobs=logprobs,
+            echo=echo,
+        ),
         "stream": stream,
         "include_usage": bool(options and _flag(options, "include_usage")),
     }
@@ -231,11 +236,9 @@ def parse_chat(body: dict[str, Any]) -> GenerationRequest:
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1)
     return GenerationRequest(
-        **_common(body, logprobs, top or 0),
-        max_tokens=max_tokens,
-        logprobs=logprobs,
-        top_logprobs=top or 0,
-        messages=tuple(parsed),
+        chat=True,
+        prompt=Prompt(messages=tuple(parsed)),
+        **_common(body, logprobs, top or 0, max_tokens, echo=False),
     )
 
 
@@ -259,11 +262,9 @@ def parse_completion(body: dict[str, Any]) -> GenerationRequest:
             "invalid_value",
         )
     top = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    max_tokens = _integer(body, "max_tokens", 1) or 16  # OpenAI's default here
     return GenerationRequest(
-        **_common(body, top is not None, top or 0),
-        max_tokens=_integer(body, "max_tokens", 1) or 16,  # OpenAI's default here
-        logprobs=top is not None,
-        top_logprobs=top or 0,
-        prompt=prompt,
-        echo=_flag(body, "echo"),
+        chat=False,
+        prompt=Prompt(ids=prompt) if isinstance(prompt, tuple) else Prompt(text=prompt),
+        **_common(body, top is not None, top or 0, max_tokens, _flag(body, "echo")),
     )

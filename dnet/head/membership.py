@@ -1,4 +1,4 @@
-"""Keep a ring's membership in step with discovery: connect to peers as they are
+"""Keep a cluster's membership in step with discovery: connect to peers as they are
 found (the handshake proves the id they advertised), log those that leave."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ import trio
 
 from dnet.discovery import PeerFound, PeerLost
 from dnet.errors import DnetError
+from dnet.head.cluster import Cluster
 from dnet.head.peers import PeerClient
-from dnet.head.ring import Ring
 
 log = logging.getLogger(__name__)
 
 
 async def follow_discovery(
-    ring: Ring, events: trio.MemoryReceiveChannel[PeerFound | PeerLost]
+    cluster: Cluster, events: trio.MemoryReceiveChannel[PeerFound | PeerLost]
 ) -> None:
     """Run until ``events`` closes or the task is cancelled. Peers are dialled
     side by side, so one that hangs delays no other. An address that keeps failing
@@ -26,7 +26,7 @@ async def follow_discovery(
 
     async def add(event: PeerFound) -> None:
         try:
-            await ring.connect(event.address, event.peer_id)
+            await cluster.connect(event.address, event.peer_id)
         except DnetError as exc:
             level = logging.DEBUG if event.address in failing else logging.WARNING
             log.log(level, "could not add %s: %s", event.address, exc.message)
@@ -44,7 +44,7 @@ async def follow_discovery(
             # The same peer again: nothing to do. The same id at another address is
             # tried, so that a clone is caught by the handshake and reported.
             if (event.address, event.peer_id) in dialling or any(
-                p.address == event.address and p.alive for p in ring.peers
+                p.address == event.address and p.alive for p in cluster.peers
             ):
                 continue
             log.log(
@@ -59,10 +59,12 @@ async def follow_discovery(
             nursery.start_soon(add, event)
 
 
-async def serve_health_checks(ring: Ring, interval_s: float = 5.0, timeout_s: float = 5.0) -> None:
+async def serve_health_checks(
+    cluster: Cluster, interval_s: float = 5.0, timeout_s: float = 5.0
+) -> None:
     """Ping every peer each ``interval_s``, all at once; a peer that does not
     answer within ``timeout_s`` is disconnected (its sessions fail, it leaves
-    ``ring.peers``). A ping waits behind a control call in flight on its connection
+    ``cluster.peers``). A ping waits behind a control call in flight on its connection
     (a long load), so a busy peer is never taken for a dead one."""
 
     async def check(peer: PeerClient) -> None:
@@ -75,5 +77,5 @@ async def serve_health_checks(ring: Ring, interval_s: float = 5.0, timeout_s: fl
     while True:
         await trio.sleep(interval_s)
         async with trio.open_nursery() as nursery:
-            for peer in list(ring.peers):
+            for peer in list(cluster.peers):
                 nursery.start_soon(check, peer)

@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import attrs
 import trio
@@ -32,7 +33,8 @@ from dnet.transport.links import LinkClosed
 
 log = logging.getLogger(__name__)
 
-CONTROL_TIMEOUT_S = 600.0  # loading a large slice from disk can take minutes
+CONTROL_TIMEOUT_S = 600.0
+R = TypeVar("R", bound=Message)  # loading a large slice from disk can take minutes
 
 
 @attrs.frozen
@@ -124,15 +126,25 @@ class PeerClient:
                     f"peer {self.label} did not answer {type(message).__name__} in {timeout:.0f}s"
                 ) from None
 
-    async def call(self, message: Message, timeout: float = CONTROL_TIMEOUT_S) -> Message:
-        """Send a control message and wait for its reply.
+    async def call(
+        self, message: Message, expect: type[R], timeout: float = CONTROL_TIMEOUT_S
+    ) -> R:
+        """Send a control message and wait for its reply, of type ``expect``.
 
         Raises:
-            PeerUnavailable: the peer went away; PeerError: it answered with an error.
+            PeerUnavailable: the peer went away; PeerError: it answered with an error,
+                or with something else than ``expect``.
         """
         _, reply = await self._round_trip(lambda: message, b"", timeout)
         if isinstance(reply, Error):
             raise PeerError(f"peer {self.label}: {reply.message}", reply.code, self.peer_id)
+        if not isinstance(reply, expect):
+            raise PeerError(
+                f"peer {self.label} answered {type(message).__name__} with "
+                f"{type(reply).__name__}, not {expect.__name__}",
+                "bad_reply",
+                self.peer_id,
+            )
         return reply
 
     async def ping(self, payload: bytes = b"", timeout: float = 10.0) -> PingTimes:
@@ -151,8 +163,7 @@ class PeerClient:
             return Ping(self._seq, time.monotonic_ns())
 
         ping, reply = await self._round_trip(make, payload, timeout)
-        assert isinstance(ping, Ping)
-        if not isinstance(reply, Pong) or reply.seq != ping.seq:
+        if not isinstance(ping, Ping) or not isinstance(reply, Pong) or reply.seq != ping.seq:
             raise PeerError(f"peer {self.label} answered a ping with {reply!r}")
         sent_ns = ping.sent_ns
         return PingTimes(
@@ -161,10 +172,8 @@ class PeerClient:
             (self._pong_arrived_ns - reply.received_ns) / 1e9,
         )
 
-    async def call_status(self) -> Status:
-        reply = await self.call(StatusRequest())
-        assert isinstance(reply, Status)
-        return reply
+    async def call_status(self, timeout: float = CONTROL_TIMEOUT_S) -> Status:
+        return await self.call(StatusRequest(), Status, timeout)
 
     async def send(self, message: Message, payload: bytes = b"") -> None:
         """Raises:

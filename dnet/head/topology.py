@@ -14,8 +14,11 @@ from typing import Any
 import attrs
 import trio
 
-from dnet.head.ring import PlanEntry, Ring
-from dnet.protocol.messages import LinkReport, Loaded, ProbeLink, Profile, ProfileRequest
+from dnet.head.cluster import Cluster
+from dnet.head.loaded_ring import LoadedRing, PlanEntry
+from dnet.models.model_dir import ModelDir, open_model_dir
+from dnet.models.model_profile import model_profile
+from dnet.protocol.messages import LinkReport, ProbeLink, Profile, ProfileRequest
 from dnet.solver.plan import Plan
 from dnet.solver.profiles import HEAD, DeviceProfile, LinkProfile
 from dnet.solver.solve import solve
@@ -62,41 +65,42 @@ def topology_json(topology: Topology) -> dict[str, Any]:
     return attrs.asdict(topology, recurse=True)
 
 
-async def measure_link(ring: Ring, peer_id: str) -> LinkProfile:
+async def measure_link(cluster: Cluster, peer_id: str) -> LinkProfile:
     """Head-to-peer latency (median half round trip of small pings) and throughput
     (a 1 MiB ping)."""
-    peer = ring.peer(peer_id)
+    peer = cluster.peer(peer_id)
     small = [(await peer.ping(b"")).round_trip / 2 for _ in range(PROBE_PINGS)]
     latency = statistics.median(small)
     bulk = (await peer.ping(bytes(BULK_BYTES))).round_trip / 2
     return LinkProfile(latency, BULK_BYTES / max(bulk - latency, 1e-9))
 
 
-async def probe_link(ring: Ring, src: str, dst: str) -> LinkProfile:
+async def probe_link(cluster: Cluster, src: str, dst: str) -> LinkProfile:
     """The link between two peers, measured by ``src`` dialling ``dst``."""
-    target = ring.peer(dst)
-    reply = await ring.peer(src).call(
-        ProbeLink(target.address, target.peer_id, PROBE_PINGS, BULK_BYTES)
+    target = cluster.peer(dst)
+    reply = await cluster.peer(src).call(
+        ProbeLink(target.address, target.peer_id, PROBE_PINGS, BULK_BYTES), LinkReport
     )
-    assert isinstance(reply, LinkReport)
     return LinkProfile(reply.latency_s, reply.bandwidth_bytes_s)
 
 
-async def measure_links(ring: Ring, peer_ids: list[str]) -> dict[tuple[str, str], LinkProfile]:
+async def measure_links(
+    cluster: Cluster, peer_ids: list[str]
+) -> dict[tuple[str, str], LinkProfile]:
     """Every head-peer and peer-peer link, from the ring's cache when fresh."""
     links: dict[tuple[str, str], LinkProfile] = {}
     now = time.monotonic()
 
     async def get(key: tuple[str, str]) -> LinkProfile:
-        cached = ring.link_cache.get(key)
+        cached = cluster.link_cache.get(key)
         if cached is not None and now - cached[0] < LINK_TTL_S:
             link: LinkProfile = cached[1]
             return link
         if key[0] == HEAD:
-            link = await measure_link(ring, key[1])
+            link = await measure_link(cluster, key[1])
         else:
-            link = await probe_link(ring, *key)
-        ring.link_cache[key] = (time.monotonic(), link)
+            link = await probe_link(cluster, *key)
+        cluster.link_cache[key] = (time.monotonic(), link)
         return link
 
     for pid in peer_ids:
@@ -107,17 +111,15 @@ async def measure_links(ring: Ring, peer_ids: list[str]) -> dict[tuple[str, str]
     return links
 
 
-async def profile_devices(ring: Ring, dtype: str, hidden: int) -> list[DeviceProfile]:
+async def profile_devices(cluster: Cluster, dtype: str, hidden: int) -> list[DeviceProfile]:
     """Each connected peer's measured (or cached) rates, in the order connected."""
     profiles: dict[str, Profile] = {}
 
     async def one(peer_id: str) -> None:
-        reply = await ring.peer(peer_id).call(ProfileRequest(dtype, hidden))
-        assert isinstance(reply, Profile)
-        profiles[peer_id] = reply
+        profiles[peer_id] = await cluster.peer(peer_id).call(ProfileRequest(dtype, hidden), Profile)
 
     async with trio.open_nursery() as nursery:
-        for p in ring.peers:
+        for p in cluster.peers:
             nursery.start_soon(one, p.peer_id)
     return [
         DeviceProfile(
@@ -129,13 +131,13 @@ async def profile_devices(ring: Ring, dtype: str, hidden: int) -> list[DevicePro
             profiles[p.peer_id].disk_read_bytes_s,
             profiles[p.peer_id].layer_overhead_s,
         )
-        for p in ring.peers
+        for p in cluster.peers
     ]
 
 
 async def prepare_topology(
-    ring: Ring,
-    model: str,
+    cluster: Cluster,
+    model: ModelDir | str,
     *,
     context: int = 4096,
     objective: str = "latency",
@@ -150,21 +152,36 @@ async def prepare_topology(
     Raises:
         NoFeasiblePlan, ModelNotFound, PeerUnavailable
     """
-    from dnet.runtime.model_dir import open_model_dir
-    from dnet.runtime.model_profile import model_profile
-
-    info = await trio.to_thread.run_sync(open_model_dir, model)
+    info = (
+        model
+        if isinstance(model, ModelDir)
+        else await trio.to_thread.run_sync(open_model_dir, model)
+    )
     profile = model_profile(info, compute_dtype)
     dtype = {4: "float32", 2: "bfloat16"}.get(
         profile.activation_bytes // int(info.config["hidden_size"]), "float32"
     )
     if dtype == "bfloat16" and "float16" in str(info.config.get("torch_dtype", "")):
         dtype = "float16"
-    devices = await profile_devices(ring, dtype, int(info.config["hidden_size"]))
-    links = await measure_links(ring, [d.peer_id for d in devices])
+    devices = await profile_devices(cluster, dtype, int(info.config["hidden_size"]))
+    links = await measure_links(cluster, [d.peer_id for d in devices])
     plan: Plan = solve(
         profile, devices, links, context=context, objective=objective, prompt_tokens=prompt_tokens
     )
+    addresses = {p.peer_id: p.address for p in cluster.peers}
+    topology = _topology(info, plan, devices, addresses, objective, context, compute_dtype)
+    return attrs.evolve(topology, name=model if isinstance(model, str) else str(info.path))
+
+
+def _topology(
+    info: ModelDir,
+    plan: Plan,
+    devices: list[DeviceProfile],
+    addresses: dict[str, str],
+    objective: str,
+    context: int,
+    compute_dtype: str | None,
+) -> Topology:
     order = [a.peer_id for a in plan.assignments]
     disk = {d.peer_id: d.disk_read_bytes_s for d in devices}
     return Topology(
@@ -175,7 +192,7 @@ async def prepare_topology(
             TopologyAssignment(
                 a.peer_id,
                 a.name,
-                ring.peer(a.peer_id).address,
+                addresses[a.peer_id],
                 a.start,
                 a.end,
                 order[i + 1] if i + 1 < len(order) else None,
@@ -193,7 +210,6 @@ async def prepare_topology(
         predicted_ttft_s=plan.ttft_s,
         compute_dtype=compute_dtype,
         split_reason=plan.split_reason,
-        name=model,
     )
 
 
@@ -202,14 +218,16 @@ def _load_s(nbytes: int, disk_bytes_s: float) -> float | None:
 
 
 async def load_topology(
-    ring: Ring,
+    cluster: Cluster,
     topology: Topology,
     on_progress: Callable[[str, int, int], None] | None = None,
-) -> list[Loaded]:
-    """Load every peer of ``topology`` in parallel; ``on_progress(peer_id, done,
-    total)`` follows each peer's reading of its weights."""
-    return await ring.load(
-        topology.model,
+    model: ModelDir | None = None,
+) -> LoadedRing:
+    """Load every peer of ``topology`` in parallel (``model``: the topology's model,
+    already opened); ``on_progress(peer_id, done, total)`` follows each peer's
+    reading of its weights. The ring is held by the cluster until unloaded."""
+    return await cluster.load(
+        model or topology.model,
         topology.plan_entries(),
         max_context=topology.context,
         on_progress=on_progress,

@@ -11,7 +11,6 @@ successor link, and the idle-request reaper.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -31,7 +30,10 @@ from dnet.errors import (
     UnknownRequest,
 )
 from dnet.identity import Identity, verify_signature
+from dnet.models.model_dir import open_model_dir
+from dnet.models.model_profile import check_budget
 from dnet.peer.measuring import PeerMeasurements
+from dnet.peer.outbox import Outbox
 from dnet.peer.work import WorkQueue
 from dnet.protocol.codec import ProtocolError
 from dnet.protocol.messages import (
@@ -60,8 +62,6 @@ from dnet.protocol.messages import (
 from dnet.runtime.compute import ComputeThread
 from dnet.runtime.device_profile import release_memory
 from dnet.runtime.engine import Chunk, SliceEngine, StepResult
-from dnet.runtime.model_dir import open_model_dir
-from dnet.runtime.model_profile import check_budget
 from dnet.runtime.slice import LayerSlice, load_slice
 from dnet.sampling import SampledToken
 from dnet.tensor import HostTensor
@@ -146,9 +146,7 @@ class PeerDaemon:
         self._queue = WorkQueue()
         self.prefill_slice_s = PREFILL_SLICE_S
         self._held: list[tuple[Activation, bytes]] = []  # prefill outputs behind a step
-        self._out_send, self._out_receive = trio.open_memory_channel[tuple[str, Message, bytes]](
-            math.inf
-        )
+        self._outbox = Outbox(self.peer_id, lambda: self._successor, lambda: self.controller)
         self._load_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
@@ -160,7 +158,7 @@ class PeerDaemon:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._worker)
-            nursery.start_soon(self._sender)
+            nursery.start_soon(self._outbox.serve)
             nursery.start_soon(self._reaper)
             bound = await nursery.start(
                 partial(serve_connections, name=self.name),
@@ -258,10 +256,7 @@ class PeerDaemon:
             def progress(done: int, total: int) -> None:
                 # On the compute thread: queue the message for the sender task.
                 if controller is not None:
-                    token.run_sync_soon(
-                        self._out_send.send_nowait,
-                        ("controller", LoadProgress(msg.model, done, total), b""),
-                    )
+                    token.run_sync_soon(self._to_controller, LoadProgress(msg.model, done, total))
 
             layer_slice = await self._compute.run(self._load_slice, msg, progress)
             if layer_slice.is_first != msg.is_first or layer_slice.is_last != msg.is_last:
@@ -360,9 +355,7 @@ class PeerDaemon:
 
     def _fail(self, rid: str, exc: DnetError) -> None:
         self._meta.pop(rid, None)
-        self._out_send.send_nowait(
-            ("controller", Error(exc.code, exc.message, rid, self.peer_id), b"")
-        )
+        self._to_controller(Error(exc.code, exc.message, rid, self.peer_id))
 
     async def _step(self, message: Step, payload: bytes) -> None:
         """Run a decode step's rows as one batch and pass the survivors on. The step
@@ -391,18 +384,18 @@ class PeerDaemon:
             tokens = tuple(
                 self._token(rid, t) for rid, t in zip(result.request_ids, out, strict=True)
             )
-            self._out_send.send_nowait(("controller", StepTokens(message.step, tokens), b""))
+            self._to_controller(StepTokens(message.step, tokens))
         elif engine is not None and engine.slice.is_last:
-            self._out_send.send_nowait(("controller", StepTokens(message.step, ()), b""))
+            self._to_controller(StepTokens(message.step, ()))
         elif out is None:
             empty = Step(message.step, (), (), "int32", (0, 1))
-            self._out_send.send_nowait(("next", empty, b""))
+            self._to_next(empty)
         else:
             forward = Step(message.step, result.request_ids, result.positions, out.dtype, out.shape)
-            self._out_send.send_nowait(("next", forward, out.data))
+            self._to_next(forward, out.data)
         held, self._held = self._held, []
         for chunk, data in held:
-            self._out_send.send_nowait(("next", chunk, data))
+            self._to_next(chunk, data)
 
     async def _work(self, message: Message, payload: bytes) -> None:
         engine = self.engine
@@ -414,21 +407,27 @@ class PeerDaemon:
         if engine is None:
             raise ModelNotLoaded("no model is loaded on this peer")
         if isinstance(message, StartRequest):
-            await self._compute.run(
-                engine.start,
-                message.request_id,
-                message.sampling,
-                message.prompt_tokens,
-                message.max_context,
-            )
-            if engine.slice.is_last:
-                self._meta[message.request_id] = _Meta(
-                    message.max_tokens, frozenset(message.stop_token_ids)
-                )
-            else:
-                self._out_send.send_nowait(("next", message, b""))
+            await self._start(engine, message)
             return
         assert isinstance(message, Activation)
+        await self._activation(engine, message, payload)
+
+    async def _start(self, engine: SliceEngine, message: StartRequest) -> None:
+        await self._compute.run(
+            engine.start,
+            message.request_id,
+            message.sampling,
+            message.prompt_tokens,
+            message.max_context,
+        )
+        if engine.slice.is_last:
+            self._meta[message.request_id] = _Meta(
+                message.max_tokens, frozenset(message.stop_token_ids)
+            )
+        else:
+            self._to_next(message)
+
+    async def _activation(self, engine: SliceEngine, message: Activation, payload: bytes) -> None:
         tensor = HostTensor(message.dtype, message.shape, payload)
         tokens = message.shape[1] if len(message.shape) > 1 else message.shape[0]
         started = time.perf_counter()
@@ -466,9 +465,9 @@ class PeerDaemon:
                 # it waits there for no chunk (the step never depends on this one).
                 self._held.append((forward, out.data))
             else:
-                self._out_send.send_nowait(("next", forward, out.data))
+                self._to_next(forward, out.data)
         elif isinstance(out, SampledToken):
-            self._out_send.send_nowait(("controller", self._token(message.request_id, out), b""))
+            self._to_controller(self._token(message.request_id, out))
 
     def _measure_step(self, took: float, rows: int) -> None:
         if rows == 0:
@@ -491,30 +490,11 @@ class PeerDaemon:
                 reason = "length"
         return Token(rid, token.token_id, token.logprob, token.top_logprobs, reason, index)
 
-    async def _sender(self) -> None:
-        async for target, message, payload in self._out_receive:
-            conn = self._successor if target == "next" else self.controller
-            rids: tuple[str, ...] = ()
-            if target == "next":
-                rid = getattr(message, "request_id", None)
-                rids = message.request_ids if isinstance(message, Step) else (rid,) if rid else ()
-            if conn is None:
-                for rid in rids:
-                    self._report(rid, "the next peer is not connected")
-                continue
-            try:
-                await conn.send(message, payload)
-            except LinkClosed:
-                for rid in rids:
-                    self._report(
-                        rid,
-                        f"the next peer {conn.remote_name} ({conn.remote_peer_id[:12]}) is gone",
-                    )
+    def _to_next(self, message: Message, payload: bytes = b"") -> None:
+        self._outbox.to_next(message, payload)
 
-    def _report(self, rid: str, why: str) -> None:
-        self._out_send.send_nowait(
-            ("controller", Error(PeerUnavailable.code, why, rid, self.peer_id), b"")
-        )
+    def _to_controller(self, message: Message) -> None:
+        self._outbox.to_controller(message)
 
     async def _reaper(self) -> None:
         period = max(1.0, min(60.0, self._idle_timeout / 4))

@@ -12,7 +12,7 @@ stored) go to its kernel, which reads each weight once however many rows there
 are; the rest (prefill) goes to OpenBLAS. Measured on the Qwen3-0.6B shape (2 cores,
 one process, ``scripts/bench.py`` and the figures in the README): a decode step of
 one request took about half the time it takes with OpenBLAS. ``DNET_SKINNY=0``
-turns it off.
+(``RuntimeSettings.use_skinny_kernel``) turns it off.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def build_dispatch(cache_dir: Path) -> Path | None:
 
 def _load_dispatch(openblas: str, cache_dir: Path | None) -> str | None:
     """Load the dispatch ahead of OpenBLAS; its path, when skinny products now go to it."""
-    if cache_dir is None or os.environ.get("DNET_SKINNY", "1") == "0":
+    if cache_dir is None:
         return None
     library = build_dispatch(cache_dir)
     if library is None:
@@ -110,7 +110,7 @@ def _load_dispatch(openblas: str, cache_dir: Path | None) -> str | None:
 
 
 def preload_openblas(
-    thread_timeout: int | None = None, cache_dir: Path | None = None
+    thread_timeout: int | None = None, cache_dir: Path | None = None, *, skinny: bool = True
 ) -> str | None:
     """Load OpenBLAS globally if the system has it; returns its path or ``None``.
 
@@ -120,8 +120,8 @@ def preload_openblas(
     steals them from the next: 20 (~0.4 ms) still bridges the gaps between one
     token's matmuls.
 
-    With ``cache_dir`` (where the dispatch library is built), skinny products go to
-    the dispatch kernel where it builds and the CPU has AVX2 and FMA.
+    With ``cache_dir`` (where the dispatch library is built) and ``skinny``, skinny
+    products go to the dispatch kernel where it builds and the CPU has AVX2 and FMA.
 
     A no-op off Linux, when none is installed, or when ``mlx.core`` is already
     imported (then MLX keeps the BLAS it bound to).
@@ -144,7 +144,7 @@ def preload_openblas(
             for lib in sorted(glob.glob(pattern))[:1]:
                 ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
         # Ahead of OpenBLAS in the global scope, so MLX's cblas_sgemm lands in it.
-        _skinny = _load_dispatch(path, cache_dir)
+        _skinny = _load_dispatch(path, cache_dir if skinny else None)
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
         log.warning("could not load %s: %s", path, exc)

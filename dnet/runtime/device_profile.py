@@ -90,7 +90,7 @@ def measure(
 
     Bandwidth: one position through a stack of ``[4 * hidden, hidden]`` weights,
     ``matvec_mib`` in all, in the layout slices use on this device (transposed on
-    CPU, see ``ColumnsLinear``): the shapes and the working set of a decode step of
+    CPU, see ``dnet.runtime.layout``): the shapes and the working set of a decode step of
     a model that wide.
     """
     rates = _measure(dtype, hidden, matvec_mib, matmul_n)

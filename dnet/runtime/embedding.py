@@ -19,8 +19,8 @@ import mlx.nn as nn
 import numpy as np
 
 from dnet.errors import InvalidModel
-from dnet.runtime.gguf import GROUP_SIZE, QUANT_BITS, stored_nbytes
-from dnet.runtime.model_dir import ModelDir, TensorInfo
+from dnet.models.gguf import GROUP_SIZE, QUANT_BITS, stored_nbytes
+from dnet.models.model_dir import ModelDir, TensorInfo
 
 PREFIX = "model.embed_tokens."
 # safetensors dtypes of embeddings and their quantized parts, as numpy reads them

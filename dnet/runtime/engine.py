@@ -20,7 +20,6 @@ from typing import Any
 import attrs
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from dnet.errors import (
     ComputeFailed,
@@ -32,40 +31,11 @@ from dnet.errors import (
     UnknownRequest,
 )
 from dnet.runtime.arrays import DTYPES, from_host, to_host
+from dnet.runtime.batch_cache import Request, assemble, solo
 from dnet.runtime.sampler import RequestSampler
 from dnet.runtime.slice import LayerSlice
 from dnet.sampling import SampledToken, SamplingParams
 from dnet.tensor import HostTensor
-
-
-class _Batch:
-    """Requests whose caches are rows of one ``BatchKVCache`` per layer."""
-
-    def __init__(self, rids: list[str], cache: list[BatchKVCache]) -> None:
-        self.rids = rids
-        self.cache = cache
-
-    @property
-    def kv_bytes(self) -> int:
-        return sum(c.nbytes for c in self.cache)
-
-
-@attrs.define(eq=False)
-class _Request:
-    rid: str
-    cache: list[KVCache] | None  # None while the request is a row of ``batch``
-    max_context: int
-    sampler: RequestSampler | None
-    last_used: float
-    position: int = 0
-    batch: _Batch | None = None
-
-    @property
-    def kv_bytes(self) -> int:
-        if self.batch is not None:
-            return self.batch.kv_bytes // max(len(self.batch.rids), 1)
-        assert self.cache is not None
-        return sum(c.nbytes for c in self.cache)
 
 
 @attrs.frozen
@@ -87,7 +57,7 @@ class Chunk:
     decode step of other requests between two layers of a long chunk; ``output``
     is ``run``'s result once ``done``."""
 
-    def __init__(self, engine: SliceEngine, req: _Request, x: mx.array, sample: bool) -> None:
+    def __init__(self, engine: SliceEngine, req: Request, x: mx.array, sample: bool) -> None:
         assert req.cache is not None
         self._engine = engine
         self._req = req
@@ -169,7 +139,7 @@ class SliceEngine:
         self.max_context = max_context or int(
             layer_slice.model.config.get("max_position_embeddings", 32768)
         )
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, Request] = {}
         self._tokens_processed = 0
         self.batching = layer_slice.batching
 
@@ -197,7 +167,7 @@ class SliceEngine:
             if self.slice.is_last
             else None
         )
-        self._requests[request_id] = _Request(
+        self._requests[request_id] = Request(
             request_id, self.slice.make_cache(), limit, sampler, self._clock()
         )
 
@@ -214,7 +184,7 @@ class SliceEngine:
         Raises:
             UnknownRequest
         """
-        req = self._solo(self._get(request_id))
+        req = solo(self._get(request_id))
         assert req.cache is not None
         dropped = min(n, req.position)
         for c in req.cache:
@@ -259,7 +229,7 @@ class SliceEngine:
 
     # -- running ---------------------------------------------------------------
 
-    def _get(self, request_id: str) -> _Request:
+    def _get(self, request_id: str) -> Request:
         try:
             return self._requests[request_id]
         except KeyError:
@@ -336,7 +306,7 @@ class SliceEngine:
         Raises:
             UnknownRequest, InvalidActivation, PositionMismatch, ContextOverflow
         """
-        req = self._solo(self._get(request_id))
+        req = solo(self._get(request_id))
         assert req.cache is not None
         x = self._as_input(inputs)
         n = x.shape[1]
@@ -362,7 +332,7 @@ class SliceEngine:
         """
         if not self.slice.is_last:
             raise InvalidActivation("logits come only from the last slice")
-        req = self._solo(self._get(request_id))
+        req = solo(self._get(request_id))
         assert req.cache is not None
         x = self._as_input(inputs)
         if req.position + x.shape[1] > req.max_context:
@@ -390,22 +360,7 @@ class SliceEngine:
         if len(positions) != rows or len(set(request_ids)) != rows:
             raise InvalidActivation("a step needs one position per distinct request id")
         x = self._as_batch_input(inputs, rows)
-        keep: list[int] = []
-        dropped: list[tuple[str, DnetError]] = []
-        for i, (rid, pos) in enumerate(zip(request_ids, positions, strict=True)):
-            req = self._requests.get(rid)
-            if req is None:
-                dropped.append((rid, UnknownRequest(f"request {rid!r} is not running here")))
-            elif pos != req.position:
-                dropped.append(
-                    (rid, PositionMismatch(f"request {rid!r} is at {req.position}, not {pos}"))
-                )
-            elif req.position + 1 > req.max_context:
-                dropped.append(
-                    (rid, ContextOverflow(f"request {rid!r} reached its {req.max_context} limit"))
-                )
-            else:
-                keep.append(i)
+        keep, dropped = self._runnable(request_ids, positions)
         rids = [request_ids[i] for i in keep]
         kept_positions = tuple(positions[i] for i in keep)
         if not rids:
@@ -419,12 +374,12 @@ class SliceEngine:
         self._tokens_processed += len(rids)
         try:
             if len(reqs) == 1 or not self.batching:
-                caches: list[Any] = [self._solo(r).cache for r in reqs]
+                caches: list[Any] = [solo(r).cache for r in reqs]
                 outs = [self.slice(x[i : i + 1], c) for i, c in enumerate(caches)]
                 out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
                 state = [c.state for cache in caches for c in cache]
             else:
-                cache = self._assemble(reqs).cache
+                cache = assemble(reqs, self._requests, self.slice.num_layers).cache
                 out = self.slice(x, cache)
                 state = [(c.keys, c.values, c.offset) for c in cache]
             for req in reqs:
@@ -445,6 +400,28 @@ class SliceEngine:
                 f"{self.slice.start}..{self.slice.end}: {exc}"
             ) from exc
 
+    def _runnable(
+        self, request_ids: Sequence[str], positions: Sequence[int]
+    ) -> tuple[list[int], list[tuple[str, DnetError]]]:
+        """The rows of a step that can run, and why each of the others cannot."""
+        keep: list[int] = []
+        dropped: list[tuple[str, DnetError]] = []
+        for i, (rid, pos) in enumerate(zip(request_ids, positions, strict=True)):
+            req = self._requests.get(rid)
+            if req is None:
+                dropped.append((rid, UnknownRequest(f"request {rid!r} is not running here")))
+            elif pos != req.position:
+                dropped.append(
+                    (rid, PositionMismatch(f"request {rid!r} is at {req.position}, not {pos}"))
+                )
+            elif req.position + 1 > req.max_context:
+                dropped.append(
+                    (rid, ContextOverflow(f"request {rid!r} reached its {req.max_context} limit"))
+                )
+            else:
+                keep.append(i)
+        return keep, dropped
+
     def _as_batch_input(self, inputs: HostTensor, rows: int) -> mx.array:
         if self.slice.is_first:
             if inputs.dtype != "int32" or len(inputs.shape) != 2:
@@ -460,63 +437,3 @@ class SliceEngine:
             )
         self.slice.check_input(x)
         return x
-
-    def _solo(self, req: _Request) -> _Request:
-        """Give ``req`` its own caches again if it is a row of a batch."""
-        batch = req.batch
-        if batch is None:
-            return req
-        row = batch.rids.index(req.rid)
-        req.cache = [c.extract(row) for c in batch.cache]
-        req.batch = None
-        self._filter(batch, [r for r in batch.rids if r != req.rid])
-        return req
-
-    def _filter(self, batch: _Batch, rids: list[str]) -> None:
-        """Keep only ``rids`` (a subsequence of the batch's rows) in ``batch``."""
-        if rids == batch.rids:
-            return
-        rows = [batch.rids.index(r) for r in rids]
-        batch.rids = rids
-        if not rids:
-            batch.cache.clear()
-            return
-        index = mx.array(rows)
-        for c in batch.cache:
-            c.filter(index)
-
-    def _assemble(self, reqs: list[_Request]) -> _Batch:
-        """The batch whose rows are exactly ``reqs``, in order. The common cases (the
-        same rows as last step; rows left; rows joined at the end) reuse the batch
-        already there; anything else rebuilds it."""
-        rids = [r.rid for r in reqs]
-        base = reqs[0].batch
-        if base is not None and base.rids == rids:
-            return base
-        wanted = set(rids)
-        if base is not None:
-            kept = [r for r in base.rids if r in wanted]
-            if kept != rids[: len(kept)]:
-                base = None
-            else:
-                for rid in base.rids:
-                    if rid not in wanted and rid in self._requests:
-                        self._solo(self._requests[rid])  # still running, in another batch
-                self._filter(base, kept)
-        joining = reqs[len(base.rids) :] if base is not None else reqs
-        if base is not None and not joining:
-            return base
-        caches = [self._solo(r).cache for r in joining]
-        merged = [
-            BatchKVCache.merge([c[layer] for c in caches])  # type: ignore[index]
-            for layer in range(self.slice.num_layers)
-        ]
-        if base is None:
-            base = _Batch([], merged)
-        else:
-            for mine, theirs in zip(base.cache, merged, strict=True):
-                mine.extend(theirs)
-        base.rids.extend(r.rid for r in joining)
-        for r in joining:
-            r.cache, r.batch = None, base
-        return base

@@ -24,9 +24,9 @@ import mlx.core as mx
 import numpy as np
 
 from dnet.errors import InvalidModel
-from dnet.runtime.gguf import BLOCKS, FLOAT_DTYPES, stored_nbytes
-from dnet.runtime.gguf_model import PERMUTED_QK
-from dnet.runtime.model_dir import ModelDir, TensorInfo
+from dnet.models.gguf import BLOCKS, FLOAT_DTYPES, stored_nbytes
+from dnet.models.gguf_model import PERMUTED_QK
+from dnet.models.model_dir import ModelDir, TensorInfo
 
 
 def read_tensors(model: ModelDir, names: list[str]) -> dict[str, mx.array]:

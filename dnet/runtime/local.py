@@ -12,8 +12,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from dnet.errors import LayerRangeError
+from dnet.models.model_dir import ModelDir, open_model_dir
 from dnet.runtime.engine import SliceEngine
-from dnet.runtime.model_dir import ModelDir, open_model_dir
 from dnet.runtime.slice import load_slice
 from dnet.sampling import SampledToken, SamplingParams
 from dnet.schedule import prefill_schedule

@@ -16,7 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlx_lm.utils import infer_quant_config
@@ -29,12 +29,13 @@ from dnet.errors import (
     MissingTensor,
     TensorShapeMismatch,
 )
+from dnet.models.model_dir import ModelDir, open_model_dir
 from dnet.runtime.architectures import model_classes
 from dnet.runtime.arrays import dtype_name
 from dnet.runtime.blas import skinny_products_tuned
 from dnet.runtime.device_profile import release_memory
 from dnet.runtime.embedding import FileEmbedding
-from dnet.runtime.model_dir import ModelDir, open_model_dir
+from dnet.runtime.layout import columns_layouts
 
 log = logging.getLogger(__name__)
 
@@ -153,61 +154,6 @@ class LayerSlice:
         h = self.norm(h[:, -1:, :])
         logits = self.head(h) if self.head is not None else self.embed.as_linear(h)  # type: ignore[union-attr]
         return logits[:, -1, :]
-
-
-class ColumnsLinear(nn.Module):
-    """``nn.Linear`` with its weight kept transposed (``[in, out]``, contiguous).
-
-    With OpenBLAS alone a float32 product with a weight in this layout runs faster:
-    on the Qwen3-0.6B shape, decode steps took 330-336 instead of 390-422 ms, the
-    tied output head 55-61 instead of 98-103 ms. Same values, another summation
-    order. (BLIS, when it takes the skinny products, is faster as stored.)
-    """
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.weight_t = mx.contiguous(linear.weight.T)
-        if "bias" in linear:
-            self.bias = linear.bias
-
-    @property
-    def weight(self) -> mx.array:
-        return self.weight_t.T
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if "bias" in self:
-            return mx.addmm(self.bias, x, self.weight_t)
-        return x @ self.weight_t
-
-
-class ColumnsEmbedding(nn.Module):
-    """A tied embedding kept transposed (``[dims, vocab]``) for its use as the output
-    head; looking tokens up takes columns."""
-
-    def __init__(self, embedding: nn.Embedding) -> None:
-        super().__init__()
-        self.weight_t = mx.contiguous(embedding.weight.T)
-
-    @property
-    def weight(self) -> mx.array:
-        return self.weight_t.T
-
-    def __call__(self, ids: mx.array) -> mx.array:
-        return mx.moveaxis(mx.take(self.weight_t, ids, axis=1), 0, -1)
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        return x @ self.weight_t
-
-
-def _columns_layout(module: nn.Module) -> None:
-    """Swap the float32 ``nn.Linear``s inside ``module`` for ``ColumnsLinear``."""
-    swaps = [
-        (path, ColumnsLinear(m))
-        for path, m in module.named_modules()
-        if type(m) is nn.Linear and m.weight.dtype == mx.float32
-    ]
-    if swaps:
-        module.update_modules(tree_unflatten(swaps))
 
 
 def _owned_prefixes(start: int, end: int, first: bool, last: bool, tied: bool) -> tuple[str, ...]:
@@ -331,6 +277,35 @@ def load_slice(
     n = model.num_layers
     if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= n):
         raise LayerRangeError(f"layer range [{start}, {end}) is not inside [0, {n}) or is empty")
+    pieces = _owned_modules(model, start, end, compute_dtype)
+    layers = [pieces[f"model.layers.{i}."] for i in range(start, end)]
+    embed, head = pieces.get("model.embed_tokens."), pieces.get("lm_head.")
+    if start == 0 and embed is None:
+        dtype = COMPUTE_DTYPES[compute_dtype] if compute_dtype is not None else None
+        embed = FileEmbedding(model, dtype)
+    if mx.default_device() == mx.cpu and not skinny_products_tuned():
+        embed, head = columns_layouts(layers, embed, head, last=end == n)
+    owned = LayerSlice(
+        model, start, end, embed=embed, layers=layers, norm=pieces.get("model.norm."), head=head
+    )
+    del pieces
+    _read(owned, progress)
+    log.info(
+        "loaded %s layers [%d, %d) of %d: %.1f MiB",
+        model.name,
+        start,
+        end,
+        n,
+        owned.weight_bytes / 2**20,
+    )
+    return owned
+
+
+def _owned_modules(
+    model: ModelDir, start: int, end: int, compute_dtype: str | None
+) -> dict[str, nn.Module]:
+    """The modules of layers ``[start, end)`` (and the embeddings, norm and head
+    the slice's place needs), by weight prefix, with their weights loaded."""
     config = model.config
     model_cls, args_cls = model_classes(config)
     try:
@@ -340,15 +315,13 @@ def load_slice(
     # Parameters of the built model are lazy random arrays: never evaluated, never
     # allocated. Only the owned modules are kept.
     tied = "lm_head" not in full
-    first, last = start == 0, end == n
+    first, last = start == 0, end == model.num_layers
     prefixes = _owned_prefixes(start, end, first, last, tied)
-    names = [k for k in model.tensors if k.startswith(prefixes)]
-    weights = _read_tensors(model, names)
+    weights = _read_tensors(model, [k for k in model.tensors if k.startswith(prefixes)])
     weights = full.sanitize(weights)
     if tied:
         weights.pop("lm_head.weight", None)
     _quantize(full, config, weights)
-
     inner = full.model
     pieces: dict[str, nn.Module] = {
         f"model.layers.{i}.": inner.layers[i] for i in range(start, end)
@@ -374,35 +347,12 @@ def load_slice(
         if compute_dtype is not None:
             # Only floating-point arrays change; packed quantized weights stay.
             module.set_dtype(COMPUTE_DTYPES[compute_dtype])
-    layers = [inner.layers[i] for i in range(start, end)]
-    embed, head = pieces.get("model.embed_tokens."), pieces.get("lm_head.")
-    if first and embed is None:
-        dtype = COMPUTE_DTYPES[compute_dtype] if compute_dtype is not None else None
-        embed = FileEmbedding(model, dtype)
-    if mx.default_device() == mx.cpu and not skinny_products_tuned():
-        for layer in layers:
-            _columns_layout(layer)
-        if isinstance(head, nn.Linear) and type(head) is nn.Linear:
-            head = ColumnsLinear(head) if head.weight.dtype == mx.float32 else head
-        elif (
-            head is None
-            and last
-            and isinstance(embed, nn.Embedding)
-            and type(embed) is nn.Embedding
-            and embed.weight.dtype == mx.float32
-        ):
-            embed = ColumnsEmbedding(embed)  # the output head reads all of it per token
-    owned = LayerSlice(
-        model,
-        start,
-        end,
-        embed=embed,
-        layers=layers,
-        norm=pieces.get("model.norm."),
-        head=head,
-    )
-    del full, inner, weights
-    # Read layer by layer (the same arrays as one eval), reporting as we go.
+    return pieces
+
+
+def _read(owned: LayerSlice, progress: Callable[[int, int], None] | None) -> None:
+    """Read the weights layer by layer (the same arrays as one eval), reporting as
+    it goes; then check the slice runs."""
     parts = [*owned.layers, *(m for m in (owned.embed, owned.norm, owned.head) if m is not None)]
     for done, part in enumerate(parts, 1):
         mx.eval(part.parameters())
@@ -410,12 +360,3 @@ def load_slice(
             progress(done, len(parts))
     _smoke_test(owned)
     release_memory()  # the reading's temporaries
-    log.info(
-        "loaded %s layers [%d, %d) of %d: %.1f MiB",
-        model.name,
-        start,
-        end,
-        n,
-        owned.weight_bytes / 2**20,
-    )
-    return owned

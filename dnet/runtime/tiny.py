@@ -140,36 +140,41 @@ def _config(spec: TinySpec, vocab: int, eos: int, bos: int) -> dict[str, Any]:
             "tie_word_embeddings": False if spec.tie_embeddings is None else spec.tie_embeddings,
         }
     else:
-        # MLA attention and a MoE on every layer after the first (which stays dense).
-        common |= {
-            "architectures": ["DeepseekV2ForCausalLM"],
-            "num_key_value_heads": heads,
-            "intermediate_size": spec.intermediate or 2 * h,
-            "moe_intermediate_size": h,
-            "n_shared_experts": 1,
-            "n_routed_experts": 8,
-            "num_experts_per_tok": 2,
-            "routed_scaling_factor": 1.0,
-            "topk_method": "greedy",
-            "first_k_dense_replace": 1 if spec.moe else spec.layers,
-            "moe_layer_freq": 1,
-            "kv_lora_rank": 32,
-            "q_lora_rank": 64,
-            "qk_rope_head_dim": 16,
-            "qk_nope_head_dim": 16,
-            "v_head_dim": 16,
-            "rope_scaling": {
-                "type": "yarn",
-                "factor": 4.0,
-                "original_max_position_embeddings": 1024,
-                "beta_fast": 32,
-                "beta_slow": 1,
-                "mscale": 0.707,
-                "mscale_all_dim": 0.707,
-            },
-            "tie_word_embeddings": False,
-        }
+        common |= _deepseek_v2(spec, heads)
     return common
+
+
+def _deepseek_v2(spec: TinySpec, heads: int) -> dict[str, Any]:
+    """MLA attention and a MoE on every layer after the first (which stays dense)."""
+    h = spec.hidden
+    return {
+        "architectures": ["DeepseekV2ForCausalLM"],
+        "num_key_value_heads": heads,
+        "intermediate_size": spec.intermediate or 2 * h,
+        "moe_intermediate_size": h,
+        "n_shared_experts": 1,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "routed_scaling_factor": 1.0,
+        "topk_method": "greedy",
+        "first_k_dense_replace": 1 if spec.moe else spec.layers,
+        "moe_layer_freq": 1,
+        "kv_lora_rank": 32,
+        "q_lora_rank": 64,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 16,
+        "v_head_dim": 16,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 1024,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+        },
+        "tie_word_embeddings": False,
+    }
 
 
 def _random_weights(model: nn.Module, spec: TinySpec) -> dict[str, mx.array]:
@@ -294,3 +299,9 @@ __all__ = [
     "make_tiny_model",
     "train_tokenizer",
 ]
+
+
+if __name__ == "__main__":  # python -m dnet.runtime.tiny ROOT: make the demo's model there
+    import sys
+
+    print(ensure_tiny_model(Path(sys.argv[1]), DEMO_SPEC))

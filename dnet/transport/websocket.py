@@ -213,6 +213,18 @@ async def connect_websocket(host: str, port: int, path: str, timeout: float) -> 
     return WsLink(stream, client=True, description=description, leftover=leftover)
 
 
+async def _refuse(stream: trio.SocketStream, ws: WSConnection, path: str) -> None:
+    """Answer an upgrade to another path with a 404 that names ours."""
+    body = f"dnet speaks on {path}\n".encode()
+    reject = RejectConnection(
+        status_code=404,
+        has_body=True,
+        headers=[(b"content-length", str(len(body)).encode())],
+    )
+    await stream.send_all(ws.send(reject) + ws.send(RejectData(data=body)))
+    await stream.aclose()
+
+
 async def serve_websocket(
     handler: Callable[[WsLink], Awaitable[Any]],
     host: str,
@@ -239,18 +251,7 @@ async def serve_websocket(
             if not isinstance(request, Request):
                 raise WebSocketError(f"expected a WebSocket upgrade, got {type(request).__name__}")
             if request.target != path:
-                body = f"dnet speaks on {path}\n".encode()
-                await stream.send_all(
-                    ws.send(
-                        RejectConnection(
-                            status_code=404,
-                            has_body=True,
-                            headers=[(b"content-length", str(len(body)).encode())],
-                        )
-                    )
-                    + ws.send(RejectData(data=body))
-                )
-                await stream.aclose()
+                await _refuse(stream, ws, path)
                 return
             await stream.send_all(ws.send(AcceptConnection()))
         except (

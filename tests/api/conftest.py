@@ -45,6 +45,7 @@ def start_cluster(
     *console_args: str,
     headers: dict | None = None,
     peer_args: tuple[str, ...] = (),
+    console_env: dict[str, str] | None = None,
 ) -> Cluster:
     root.mkdir(parents=True, exist_ok=True)
     key_file = root / "cluster.key"
@@ -53,7 +54,8 @@ def start_cluster(
     try:
         for i in range(n_peers):
             peers.append(PeerProcess(root / f"peer{i}", key_file, f"ap{i}", *peer_args))
-        console = ConsoleProcess(root / "head", key_file, [p.address for p in peers], *console_args)
+        addresses = [p.address for p in peers]
+        console = ConsoleProcess(root / "head", key_file, addresses, *console_args, env=console_env)
     except BaseException:
         for p in peers:
             p.stop()

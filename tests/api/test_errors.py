@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from openai import APIError, AuthenticationError, OpenAI, RateLimitError
 
-from ..runtime.gguf_files import write_gguf
+from ..models.gguf_files import write_gguf
 from .conftest import load_split, start_cluster, stop_cluster
 
 

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from dnet.demo import split_budget
-from dnet.runtime.packaged import DEFAULT_MODEL
+from dnet.models.packaged import DEFAULT_MODEL
 
-from ..runtime.test_gguf import smollm2
+from ..models.test_gguf import smollm2
 from .conftest import start_cluster, stop_cluster
 
 ROOT = Path(__file__).parents[2]

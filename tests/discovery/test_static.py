@@ -12,11 +12,11 @@ from dnet.discovery.static import (
     parse_peer_address,
     read_peers_file,
 )
+from dnet.head.cluster import open_cluster
 from dnet.head.membership import follow_discovery, serve_health_checks
-from dnet.head.ring import open_ring
 from dnet.identity import Identity
 
-from ..peer.conftest import CLUSTER_KEY, open_peers
+from ..processes import CLUSTER_KEY, open_peers
 
 
 @pytest.mark.parametrize(
@@ -52,17 +52,19 @@ def test_peers_file(tmp_path):
 
 
 async def test_static_peers_join_through_the_discovery_seam():
-    async with open_peers(2) as peers, open_ring([], Identity.generate(), CLUSTER_KEY) as ring:
+    async with (
+        open_peers(2) as peers,
+        open_cluster([], Identity.generate(), CLUSTER_KEY) as cluster,
+    ):
         send, receive = trio.open_memory_channel[PeerFound](10)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(follow_discovery, ring, receive)
+            nursery.start_soon(follow_discovery, cluster, receive)
             await announce_static(
                 [a.removeprefix("ws://").removesuffix("/dnet/1") for a, _ in peers], send
             )
             with trio.fail_after(5):
-                while len(ring.peers) < 2:
-                    await trio.sleep(0.01)
-            assert {p.peer_id for p in ring.peers} == {d.peer_id for _, d in peers}
+                await cluster.wait_peers(2)
+            assert {p.peer_id for p in cluster.peers} == {d.peer_id for _, d in peers}
             nursery.cancel_scope.cancel()
 
 
@@ -84,13 +86,13 @@ async def test_health_checks_drop_a_silent_peer():
             CLUSTER_KEY,
             verify_signature,
         )
-        async with open_ring(
+        async with open_cluster(
             [f"ws://127.0.0.1:{port}/dnet/1"], Identity.generate(), CLUSTER_KEY
-        ) as ring:
-            assert len(ring.peers) == 1
+        ) as cluster:
+            assert len(cluster.peers) == 1
             # Real time, not a virtual clock: the link is a real socket.
-            nursery.start_soon(serve_health_checks, ring, 0.2, 0.5)
+            nursery.start_soon(serve_health_checks, cluster, 0.2, 0.5)
             with trio.fail_after(5):
-                while ring.peers:
+                while cluster.peers:
                     await trio.sleep(0.05)
         nursery.cancel_scope.cancel()

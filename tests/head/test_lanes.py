@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dnet.head.lanes import Lanes
-from dnet.head.ring import machines
+from dnet.head.loaded_ring import machines
 
 
 def test_one_lane_batches_everyone_and_keeps_row_order():

@@ -36,10 +36,10 @@ async def test_a_caller_that_gives_up_does_not_shift_later_replies(autojump_cloc
         nursery.start_soon(client.serve, lambda m: None, lambda c, why: None)
         nursery.start_soon(slow_peer)
         with pytest.raises(PeerUnavailable, match="did not answer"):
-            await client.call(StatusRequest(), timeout=1)
+            await client.call(StatusRequest(), Status, timeout=1)
         with trio.move_on_after(2):  # cancelled, not timed out
-            await client.call(StatusRequest())
-        third = await client.call(StatusRequest(), timeout=30)
+            await client.call(StatusRequest(), Status)
+        third = await client.call(StatusRequest(), Status, timeout=30)
         assert isinstance(third, Status) and third.name == "reply-3"
         await client.ping(b"x")  # pings stay matched too
         nursery.cancel_scope.cancel()

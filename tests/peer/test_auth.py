@@ -23,7 +23,7 @@ from dnet.protocol.messages import (
 )
 from dnet.transport.connection import open_connection
 
-from .conftest import CLUSTER_KEY, open_peers
+from ..processes import CLUSTER_KEY, open_peers
 
 RECV_TIMEOUT = 5
 
@@ -149,7 +149,7 @@ SEEDS = [
 def test_a_live_peer_survives_random_and_mutated_frames(tmp_path):
     """Frames from an authenticated client: the peer answers or sends an error and
     closes that connection; it never crashes and keeps serving new connections."""
-    from .conftest import PeerProcess
+    from ..processes import PeerProcess
 
     key_file = tmp_path / "k"
     key_file.write_text(CLUSTER_KEY.hex())

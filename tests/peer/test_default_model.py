@@ -10,18 +10,19 @@ from contextlib import aclosing
 import gguf
 import psutil
 
-from dnet.head.ring import PlanEntry, open_ring
+from dnet.head.cluster import open_cluster
+from dnet.head.loaded_ring import PlanEntry
 from dnet.head.topology import profile_devices
 from dnet.identity import Identity
-from dnet.runtime.gguf import read_header
-from dnet.runtime.model_dir import open_model_dir
-from dnet.runtime.model_profile import model_profile
-from dnet.runtime.tokenizer import chat_prompt, load_tokenizer
+from dnet.models.gguf import read_header
+from dnet.models.model_dir import open_model_dir
+from dnet.models.model_profile import model_profile
+from dnet.models.tokenizer import load_tokenizer
 
-from ..runtime.gguf_files import reference_model
-from ..runtime.test_gguf import smollm2
+from ..models.gguf_files import reference_model
+from ..models.test_gguf import smollm2
+from ..processes import CLUSTER_KEY
 from ..runtime.test_parity import reference_tokens
-from .conftest import CLUSTER_KEY
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -63,7 +64,7 @@ def config_from_llama_cpps_reader(path) -> dict:
 async def test_two_peers_answer_paris_token_for_token_as_mlx_lm(peer_processes):
     path = smollm2()
     tokenizer = load_tokenizer(path, eos_token_ids=2)
-    prompt = chat_prompt(tokenizer, QUESTION)
+    prompt = tokenizer.chat_prompt(QUESTION)
     reference = reference_model(path, config_from_llama_cpps_reader(path))
     expected = []
     for token in reference_tokens(reference, prompt, 48):
@@ -71,14 +72,16 @@ async def test_two_peers_answer_paris_token_for_token_as_mlx_lm(peer_processes):
         if token in tokenizer.eos_token_ids:
             break
     a, b = peer_processes(2)
-    async with open_ring([a.address, b.address], Identity.generate(), CLUSTER_KEY) as ring:
+    async with open_cluster([a.address, b.address], Identity.generate(), CLUSTER_KEY) as cluster:
         cuts = byte_halves(path)
-        await ring.load(
+        ring = await cluster.load(
             "smollm2-135m",
-            [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(ring.peers, cuts, strict=True)],
+            [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(cluster.peers, cuts, strict=True)],
         )
         assert ring.order[0].address != ring.order[1].address
-        async with aclosing(ring.generate(ring.encode_chat(QUESTION), max_tokens=48)) as events:
+        async with aclosing(
+            ring.generate(ring.tokenizer.chat_prompt(QUESTION), max_tokens=48)
+        ) as events:
             got = [e async for e in events]
     assert [e.token_id for e in got] == expected
     answer = "".join(e.text for e in got)
@@ -93,18 +96,22 @@ async def test_a_peer_holding_half_the_file_holds_little_more_than_half(peer_pro
     path = smollm2()
     file_weights = sum(t.nbytes for t in read_header(path).tensors.values())
     peers = peer_processes(2)
-    async with open_ring([p.address for p in peers], Identity.generate(), CLUSTER_KEY) as ring:
+    async with open_cluster(
+        [p.address for p in peers], Identity.generate(), CLUSTER_KEY
+    ) as cluster:
         # Idle as in a cluster: connected and profiled (what prepare does), nothing loaded.
-        await profile_devices(ring, "float32", 576)
+        await profile_devices(cluster, "float32", 576)
         baseline = [_rss(p.proc.pid) for p in peers]
         by_address = {p.address: p for p in peers}
         cuts = byte_halves(path)
-        entries = [PlanEntry(c.peer_id, s, e) for c, (s, e) in zip(ring.peers, cuts, strict=True)]
-        await ring.load(str(path), entries)
+        entries = [
+            PlanEntry(c.peer_id, s, e) for c, (s, e) in zip(cluster.peers, cuts, strict=True)
+        ]
+        await cluster.load(str(path), entries)
         grown = [
             (_rss(by_address[c.address].proc.pid) - baseline[peers.index(by_address[c.address])])
             / file_weights
-            for c in ring.peers
+            for c in cluster.peers
         ]
         print(f"RSS above idle, as a share of the file's weight bytes, per peer {cuts}: {grown}")
         assert all(g <= 0.65 for g in grown), grown

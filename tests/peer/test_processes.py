@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -15,14 +14,16 @@ from mlx_lm import load
 from mlx_lm.generate import generate_step
 
 from dnet.errors import PeerError, PeerUnavailable
-from dnet.head.ring import PlanEntry, open_ring
+from dnet.head.cluster import open_cluster
+from dnet.head.loaded_ring import PlanEntry
 from dnet.identity import Identity
+from dnet.peer.process import PeerProcess
 
-from .conftest import CLUSTER_KEY, LINE
+from ..processes import CLUSTER_KEY, LINE
 
 
-def plan(ring, cuts):
-    return [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(ring.peers, cuts, strict=True)]
+def plan(cluster, cuts):
+    return [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(cluster.peers, cuts, strict=True)]
 
 
 @pytest.mark.parametrize(
@@ -45,13 +46,13 @@ async def test_subprocess_rings_match_mlx_lm(tiny_model, peer_processes, arch, b
     procs = peer_processes(3)
     for cuts in ([(0, 3), (3, 4)], [(0, 1), (1, 2), (2, 4)]):
         chosen = procs[: len(cuts)]
-        async with open_ring(
+        async with open_cluster(
             [p.address for p in chosen],
             Identity.generate(),
             CLUSTER_KEY,
             expected_peer_ids=[p.peer_id for p in chosen],
-        ) as ring:
-            await ring.load(str(path), plan(ring, cuts))
+        ) as cluster:
+            ring = await cluster.load(str(path), plan(cluster, cuts))
             async with aclosing(ring.generate(prompt, max_tokens=32)) as events:
                 got = [e.token_id async for e in events]
             assert got == expected[: len(got)] and (
@@ -65,10 +66,10 @@ async def test_killed_peer_fails_the_request_fast_and_the_others_free_it(
 ):
     path = tiny_model(arch="qwen3", layers=6)
     a, b, c = peer_processes(3)
-    async with open_ring(
+    async with open_cluster(
         [a.address, b.address, c.address], Identity.generate(), CLUSTER_KEY
-    ) as ring:
-        await ring.load(str(path), plan(ring, [(0, 2), (2, 4), (4, 6)]))
+    ) as cluster:
+        ring = await cluster.load(str(path), plan(cluster, [(0, 2), (2, 4), (4, 6)]))
         killed_at = None
         with pytest.raises((PeerUnavailable, PeerError)) as info:
             async with aclosing(ring.generate([1, 2, 3, 4, 5], max_tokens=2000)) as events:
@@ -80,7 +81,7 @@ async def test_killed_peer_fails_the_request_fast_and_the_others_free_it(
         assert time.monotonic() - killed_at < 5.0
         assert b.peer_id[:12] in str(info.value), str(info.value)
         # The survivors were told to free the request.
-        survivors = [p for p in ring.peers if p.peer_id != b.peer_id]
+        survivors = [p for p in cluster.peers if p.peer_id != b.peer_id]
         with trio.fail_after(5):
             while True:
                 statuses = [await p.call_status() for p in survivors]
@@ -95,41 +96,17 @@ def test_peer_cli_prints_its_address_keeps_its_id_and_stops_on_sigterm(tmp_path)
     state = tmp_path / "state"
     runs = []
     for _ in range(2):
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dnet.cli_peer",
-                "--state-dir",
-                str(state),
-                "--name",
-                "cli-test",
-                "--no-mdns",
-                "--no-openblas",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        peer = PeerProcess(state, "cli-test", "--no-openblas")  # no key file: it makes one
         try:
-            line = proc.stdout.readline()
-            match = LINE.search(line)
-            assert match, line
-            assert "name=cli-test" in line
-            runs.append(match.group(2))
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(10) == 0
-            err = proc.stderr.read()
+            assert LINE.search(peer.line) and "name=cli-test" in peer.line
+            runs.append(peer.peer_id)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            proc.stdout.close()
-            proc.stderr.close()
+            assert peer.stop() == 0  # SIGTERM: a clean exit
         if len(runs) == 1:
-            assert "generated a new cluster key" in err and str(state / "cluster.key") in err
+            assert "generated a new cluster key" in peer.stderr
+            assert str(state / "cluster.key") in peer.stderr
         else:
-            assert "generated" not in err
+            assert "generated" not in peer.stderr
     assert runs[0] == runs[1], "the peer id must survive a restart"
     assert (state / "identity.key").stat().st_mode & 0o077 == 0
 

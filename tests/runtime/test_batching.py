@@ -9,8 +9,8 @@ import pytest
 from mlx_lm import load
 
 from dnet.errors import InvalidActivation
+from dnet.models.model_dir import open_model_dir
 from dnet.runtime.local import load_chain
-from dnet.runtime.model_dir import open_model_dir
 from dnet.sampling import SampledToken
 from dnet.tensor import HostTensor
 from tests.runtime.test_parity import reference_tokens

@@ -19,7 +19,9 @@ PROBE = textwrap.dedent(
     from pathlib import Path
     from dnet.runtime.blas import (loaded_blas, preload_openblas, skinny_calls,
                                    skinny_products_tuned)
-    preload_openblas(cache_dir=Path(sys.argv[1]))
+    from dnet.config import RuntimeSettings
+    skinny = RuntimeSettings.from_env().use_skinny_kernel
+    preload_openblas(cache_dir=Path(sys.argv[1]), skinny=skinny)
     import mlx.core as mx
     import numpy as np
     rng = np.random.default_rng(0)

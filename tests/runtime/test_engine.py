@@ -12,9 +12,9 @@ from dnet.errors import (
     PositionMismatch,
     UnknownRequest,
 )
+from dnet.models.model_dir import open_model_dir
 from dnet.runtime.engine import SliceEngine
 from dnet.runtime.local import generate, load_chain
-from dnet.runtime.model_dir import open_model_dir
 from dnet.runtime.slice import load_slice
 from dnet.sampling import SampledToken, SamplingParams
 from dnet.tensor import HostTensor

@@ -11,17 +11,25 @@ import mlx.core as mx
 import pytest
 from mlx_lm import load
 
+from dnet.models.model_dir import open_model_dir
+from dnet.models.model_profile import model_profile
+from dnet.models.tokenizer import load_tokenizer
 from dnet.runtime.local import generate, load_chain
-from dnet.runtime.model_dir import open_model_dir
-from dnet.runtime.model_profile import model_profile
 from dnet.runtime.slice import load_slice
-from dnet.runtime.tokenizer import chat_prompt, load_tokenizer
 
-from .gguf_files import reference_model, write_gguf
+from ..models.gguf_files import reference_model, write_gguf
 from .test_parity import reference_tokens
 
 NEW = 24
 CUTS = [(0, 1), (1, 3)]
+
+
+def mlx_lm_chat(tokenizer, text: str) -> list[int]:
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True
+        )
+    )
 
 
 def _dnet_tokens(path, prompt, compute_dtype=None) -> list[int]:
@@ -34,10 +42,10 @@ def test_a_float_gguf_matches_its_safetensors_through_mlx_lm(tiny_model, tmp_pat
     source = tiny_model(arch=arch, layers=3)
     path = write_gguf(source, tmp_path / f"{arch}.gguf", "F32")
     model, tokenizer = load(str(source))
-    prompt = chat_prompt(tokenizer, [{"role": "user", "content": "Tell me about foxes."}])
+    prompt = mlx_lm_chat(tokenizer, "Tell me about foxes.")
     # The GGUF's own tokenizer and template give the same prompt.
     assert (
-        chat_prompt(load_tokenizer(path), [{"role": "user", "content": "Tell me about foxes."}])
+        load_tokenizer(path).chat_prompt([{"role": "user", "content": "Tell me about foxes."}])
         == prompt
     )
     expected = reference_tokens(model, prompt, NEW)
@@ -62,7 +70,7 @@ def test_llama_3_rotary_factors_become_mlx_lms_llama3_scaling(tiny_model, tmp_pa
     path = write_gguf(source, tmp_path / "llama31.gguf", "F32")
     assert open_model_dir(path).config["rope_scaling"] == config["rope_scaling"]
     model, tokenizer = load(str(source))
-    prompt = chat_prompt(tokenizer, [{"role": "user", "content": "Tell me about crows."}])
+    prompt = mlx_lm_chat(tokenizer, "Tell me about crows.")
     assert _dnet_tokens(path, prompt) == reference_tokens(model, prompt, NEW)
 
 
@@ -84,7 +92,7 @@ def test_each_type_and_architecture_matches_mlx_loads_reading(
     path = write_gguf(source, tmp_path / f"{arch}-{kind}.gguf", kind, embed_kind=embed)
     config = json.loads((source / "config.json").read_text())
     tokenizer = load_tokenizer(path)
-    prompt = chat_prompt(tokenizer, [{"role": "user", "content": "A story, please."}])
+    prompt = tokenizer.chat_prompt([{"role": "user", "content": "A story, please."}])
     expected = reference_tokens(reference_model(path, config), prompt, NEW)
     assert len(set(expected)) >= 4, expected
     assert _dnet_tokens(path, prompt) == expected
@@ -96,7 +104,7 @@ def test_compute_dtype_float32_widens_a_quantized_gguf_as_mlx_lm_would(tiny_mode
     config = json.loads((source / "config.json").read_text())
     reference = reference_model(path, config)
     reference.set_dtype(mx.float32)
-    prompt = chat_prompt(load_tokenizer(path), [{"role": "user", "content": "Hi!"}])
+    prompt = load_tokenizer(path).chat_prompt([{"role": "user", "content": "Hi!"}])
     assert _dnet_tokens(path, prompt, "float32") == reference_tokens(reference, prompt, NEW)
     owned = load_slice(open_model_dir(path), 0, 3, compute_dtype="float32")
     scales = owned.layers[0].self_attn.q_proj.scales

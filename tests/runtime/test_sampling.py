@@ -11,8 +11,8 @@ from mlx_lm import load
 from mlx_lm.generate import generate_step
 
 from dnet.errors import InvalidSamplingParams
+from dnet.models.model_dir import open_model_dir
 from dnet.runtime.local import generate, load_chain
-from dnet.runtime.model_dir import open_model_dir
 from dnet.runtime.sampler import RequestSampler, clear_argmax
 from dnet.sampling import SamplingParams
 

@@ -18,7 +18,7 @@ from dnet.errors import (
     TensorShapeMismatch,
     UnsupportedArchitecture,
 )
-from dnet.runtime.model_dir import open_model_dir, resolve_model
+from dnet.models.model_dir import open_model_dir, resolve_model
 from dnet.runtime.slice import load_slice
 
 

@@ -18,10 +18,10 @@ from typing import Any
 import attrs
 
 from dnet.errors import InvalidModel, ModelNotFound
-from dnet.runtime.gguf import BLOCKS, GROUP_SIZE, QUANT_BITS, is_gguf, read_header
-from dnet.runtime.gguf_model import hf_name, model_config
-from dnet.runtime.gguf_tokenizer import check_tokenizer
-from dnet.runtime.packaged import find_packaged
+from dnet.models.gguf import BLOCKS, GROUP_SIZE, QUANT_BITS, is_gguf, read_header
+from dnet.models.gguf_model import hf_name, model_config
+from dnet.models.gguf_tokenizer import check_tokenizer
+from dnet.models.packaged import find_packaged
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from dnet.errors import InvalidModel, ModelNotFound, UnsupportedTensorType
-from dnet.runtime.gguf import read_header
+from dnet.models.gguf import read_header
 from dnet.runtime.gguf_tensors import read_tensors
-from dnet.runtime.model_dir import open_model_dir, resolve_model
-from dnet.runtime.packaged import SMOLLM2, packaged_path
+from dnet.models.model_dir import open_model_dir, resolve_model
+from dnet.models.packaged import SMOLLM2, packaged_path
 
 from .gguf_files import gguf_name, llama_cpp_permute, write_gguf
 

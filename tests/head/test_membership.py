@@ -5,20 +5,23 @@ from __future__ import annotations
 import trio
 
 from dnet.discovery import PeerFound, PeerLost
+from dnet.head.cluster import open_cluster
 from dnet.head.membership import follow_discovery
-from dnet.head.ring import open_ring
 from dnet.identity import Identity
 from dnet.peer.daemon import PeerDaemon
 from dnet.runtime.compute import open_compute_thread
 
-from ..peer.conftest import CLUSTER_KEY, open_peers
+from ..processes import CLUSTER_KEY, open_peers
 
 
 async def test_found_peers_join_and_false_claims_are_refused():
-    async with open_peers(2) as peers, open_ring([], Identity.generate(), CLUSTER_KEY) as ring:
+    async with (
+        open_peers(2) as peers,
+        open_cluster([], Identity.generate(), CLUSTER_KEY) as cluster,
+    ):
         send, receive = trio.open_memory_channel(10)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(follow_discovery, ring, receive)
+            nursery.start_soon(follow_discovery, cluster, receive)
             (a, da), (b, db) = peers
             await send.send(PeerFound(a, da.peer_id, "p0", "memory"))
             await send.send(PeerFound(b, Identity.generate().peer_id, "liar", "memory"))  # wrong id
@@ -26,10 +29,9 @@ async def test_found_peers_join_and_false_claims_are_refused():
             await send.send(PeerFound(a, da.peer_id, "p0", "memory"))  # again: no second link
             await send.send(PeerLost(db.peer_id, "memory"))
             with trio.fail_after(5):
-                while len(ring.peers) < 2:
-                    await trio.sleep(0.01)
+                await cluster.wait_peers(2)
             await trio.sleep(0.1)
-            assert sorted(p.peer_id for p in ring.peers) == sorted([da.peer_id, db.peer_id])
+            assert sorted(p.peer_id for p in cluster.peers) == sorted([da.peer_id, db.peer_id])
             nursery.cancel_scope.cancel()
 
 
@@ -39,7 +41,7 @@ async def test_two_live_peers_with_one_identity_are_reported():
         open_compute_thread() as c1,
         open_compute_thread() as c2,
         trio.open_nursery() as nursery,
-        open_ring([], Identity.generate(), CLUSTER_KEY) as ring,
+        open_cluster([], Identity.generate(), CLUSTER_KEY) as cluster,
     ):
         ports = [
             await nursery.start(
@@ -48,16 +50,16 @@ async def test_two_live_peers_with_one_identity_are_reported():
             for i, c in enumerate((c1, c2))
         ]
         send, receive = trio.open_memory_channel(10)
-        nursery.start_soon(follow_discovery, ring, receive)
+        nursery.start_soon(follow_discovery, cluster, receive)
         for port in ports:
             await send.send(
                 PeerFound(f"ws://127.0.0.1:{port}/dnet/1", clone.peer_id, "clone", "memory")
             )
         with trio.fail_after(5):
-            while not ring.duplicates:
+            while not cluster.duplicates:
                 await trio.sleep(0.01)
-        assert len(ring.peers) == 1
-        assert ring.duplicates[0][0] == clone.peer_id
+        assert len(cluster.peers) == 1
+        assert cluster.duplicates[0][0] == clone.peer_id
         nursery.cancel_scope.cancel()
 
 
@@ -80,12 +82,12 @@ async def test_a_static_peer_that_starts_late_is_joined(autojump_clock):
         ) as coordinator,
     ):
         await trio.sleep(1)
-        assert coordinator.ring.peers == []
+        assert coordinator.cluster.peers == []
         daemon = PeerDaemon(Identity.generate(), CLUSTER_KEY, compute, name="late")
         await nursery.start(daemon.run, "127.0.0.1", port)
         with trio.fail_after(30):
-            await coordinator.ring.wait_peers(1)
-        assert coordinator.ring.peers[0].peer_id == daemon.peer_id
+            await coordinator.cluster.wait_peers(1)
+        assert coordinator.cluster.peers[0].peer_id == daemon.peer_id
         nursery.cancel_scope.cancel()
 
 
@@ -95,17 +97,17 @@ async def test_a_peer_that_hangs_does_not_delay_the_others():
 
     async with (
         open_peers(1) as peers,
-        open_ring([], Identity.generate(), CLUSTER_KEY) as ring,
+        open_cluster([], Identity.generate(), CLUSTER_KEY) as cluster,
         trio.open_nursery() as nursery,
     ):
         listeners = await nursery.start(trio.serve_tcp, tarpit, 0)
         port = listeners[0].socket.getsockname()[1]
         send, receive = trio.open_memory_channel(10)
-        nursery.start_soon(follow_discovery, ring, receive)
+        nursery.start_soon(follow_discovery, cluster, receive)
         ((address, daemon),) = peers
         await send.send(PeerFound(f"ws://127.0.0.1:{port}/dnet/1", None, "tarpit", "memory"))
         await send.send(PeerFound(address, daemon.peer_id, "p0", "memory"))
         with trio.fail_after(3):  # dialling the tarpit alone takes 10 s to give up
-            await ring.wait_peers(1)
-        assert ring.peers[0].peer_id == daemon.peer_id
+            await cluster.wait_peers(1)
+        assert cluster.peers[0].peer_id == daemon.peer_id
         nursery.cancel_scope.cancel()

@@ -10,10 +10,11 @@ import trio
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
-from dnet.head.ring import PlanEntry, open_ring
+from dnet.head.cluster import open_cluster
+from dnet.head.loaded_ring import PlanEntry
 from dnet.identity import Identity
 
-from .conftest import CLUSTER_KEY, open_peers
+from ..processes import CLUSTER_KEY, open_peers
 
 N = 32
 
@@ -28,8 +29,8 @@ def chat(tokenizer_path, text="Tell me a story about a fox and a crow."):
     return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
 
 
-def plan_for(ring, cuts):
-    return [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(ring.peers, cuts, strict=True)]
+def plan_for(cluster, cuts):
+    return [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(cluster.peers, cuts, strict=True)]
 
 
 async def collect(ring, prompt, n=N, **kw):
@@ -56,9 +57,9 @@ async def test_ring_matches_mlx_lm(tiny_model, arch, dtype, bits, moe):
     for n, cuts in CUTS.items():
         async with (
             open_peers(n) as peers,
-            open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring,
+            open_cluster([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as cluster,
         ):
-            await ring.load(str(path), plan_for(ring, cuts))
+            ring = await cluster.load(str(path), plan_for(cluster, cuts))
             events = await collect(ring, prompt, stop=())
             got = [e.token_id for e in events]
             # The ring stops at an EOS token as a server must; mlx_lm's generate_step does not.
@@ -89,17 +90,17 @@ async def test_float32_compute_of_a_bf16_checkpoint_matches_mlx_lm_in_float32(
     expected = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=N)]
     async with (
         open_peers(2) as peers,
-        open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring,
+        open_cluster([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as cluster,
     ):
-        loaded = await ring.load(str(path), plan_for(ring, CUTS[2]), compute_dtype="float32")
+        ring = await cluster.load(str(path), plan_for(cluster, CUTS[2]), compute_dtype="float32")
         got = [e.token_id for e in await collect(ring, prompt)]
         assert got == expected
         # Widened weights take more memory than stored: twice, for bf16 floats.
         stored = sum(i.nbytes for i in _tensors(path))
-        assert sum(r.weight_bytes for r in loaded) > stored
+        assert sum(r.weight_bytes for r in ring.loaded) > stored
 
 
 def _tensors(path):
-    from dnet.runtime.model_dir import open_model_dir
+    from dnet.models.model_dir import open_model_dir
 
     return open_model_dir(path).tensors.values()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from dnet.errors import InvalidModel, UnsupportedArchitecture, UnsupportedTensorType
-from dnet.runtime.gguf import BLOCKS, FLOAT_DTYPES, GROUP_SIZE, QUANT_BITS, GGUFHeader
+from dnet.models.gguf import BLOCKS, FLOAT_DTYPES, GROUP_SIZE, QUANT_BITS, GGUFHeader
 
 # general.architecture → mlx_lm model_type
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}

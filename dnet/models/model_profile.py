@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 
 from dnet.errors import OverMemoryBudget
-from dnet.runtime.gguf import GROUP_SIZE, QUANT_BITS
-from dnet.runtime.model_dir import ModelDir, TensorInfo
+from dnet.models.gguf import GROUP_SIZE, QUANT_BITS
+from dnet.models.model_dir import ModelDir, TensorInfo
 from dnet.solver.profiles import ModelProfile
 
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}

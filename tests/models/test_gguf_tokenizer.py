@@ -10,10 +10,10 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from dnet.errors import InvalidModel
-from dnet.runtime.gguf import read_header
-from dnet.runtime.gguf_tokenizer import build_tokenizer
-from dnet.runtime.model_dir import open_model_dir
-from dnet.runtime.tokenizer import chat_prompt, load_tokenizer, token_bytes
+from dnet.models.gguf import read_header
+from dnet.models.gguf_tokenizer import build_tokenizer
+from dnet.models.model_dir import open_model_dir
+from dnet.models.tokenizer import load_tokenizer
 
 from .gguf_files import write_gguf
 from .test_gguf import smollm2
@@ -55,8 +55,8 @@ def test_smollm2_tokens_spell_the_text_from_the_files_vocabulary(smol):
             assert ids.count(1) == 2 and ids.count(2) == 1  # each special token is one id
             continue
         # Every piece is a vocabulary entry, and the pieces' bytes are the text's.
-        assert b"".join(token_bytes(smol, i) for i in ids) == text.encode()
-        assert all(smol.convert_ids_to_tokens(i) == vocab[i] for i in ids)
+        assert b"".join(smol.token_bytes(i) for i in ids) == text.encode()
+        assert all(smol.backend.id_to_token(i) == vocab[i] for i in ids)
     # SmolLM2 splits digits one by one (llama.cpp's "smollm" split).
     digits = smol.encode("2024")
     assert len(digits) == 4
@@ -64,16 +64,11 @@ def test_smollm2_tokens_spell_the_text_from_the_files_vocabulary(smol):
 
 def test_smollm2_streams_text_and_renders_its_chat_template(smol):
     ids = smol.encode(TEXTS[3])
-    detok = smol.detokenizer
-    detok.reset()
-    pieces = []
-    for i in ids:
-        detok.add_token(i)
-        pieces.append(detok.last_segment)
-    detok.finalize()
-    pieces.append(detok.last_segment)
+    stream = smol.stream()
+    pieces = [stream.add(i) for i in ids]
+    pieces.append(stream.finish())
     assert "".join(pieces) == TEXTS[3]
-    prompt = chat_prompt(smol, [{"role": "user", "content": "What is the capital of France?"}])
+    prompt = smol.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
     assert smol.decode(prompt) == (
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
         "Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
@@ -157,22 +152,19 @@ def test_a_sentencepiece_vocabulary_tokenizes_as_llama_cpp_does(tmp_path):
     tokenizer = load_tokenizer(tmp_path / "spm.gguf")
     texts = [*filter(None, corpus.splitlines()[:60]), *TEXTS[:4], "naïve 東京 🦊 fox"]
     for text in texts:
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = tokenizer.backend.encode(text, add_special_tokens=False).ids
         assert ids == llama_cpp_sentencepiece(text, vocab, scores), text
         assert tokenizer.decode(ids) == text
         assert tokenizer.encode(text)[0] == 1  # <s> first, as llama.cpp adds it
     # Text after a control token starts with SentencePiece's space again (llama.cpp).
     spm = llama_cpp_sentencepiece
-    assert tokenizer.encode("The fox</s>The crow", add_special_tokens=False) == (
+    assert tokenizer.backend.encode("The fox</s>The crow", add_special_tokens=False).ids == (
         [*spm("The fox", vocab, scores), 2, *spm("The crow", vocab, scores)]
     )
     # Streaming detokenization, byte tokens included.
-    ids = tokenizer.encode("naïve 東京 🦊 fox", add_special_tokens=False)
+    ids = tokenizer.backend.encode("naïve 東京 🦊 fox", add_special_tokens=False).ids
     assert vocab["<0xF0>"] in ids  # the fox emoji is not a piece: it goes out as bytes
-    detok = tokenizer.detokenizer
-    detok.reset()
-    for i in ids:
-        detok.add_token(i)
-    detok.finalize()
-    assert detok.text == "naïve 東京 🦊 fox"
-    assert b"".join(token_bytes(tokenizer, i) for i in ids) == " naïve 東京 🦊 fox".encode()
+    stream = tokenizer.stream()
+    text = "".join(stream.add(i) for i in ids) + stream.finish()
+    assert text == "naïve 東京 🦊 fox"
+    assert b"".join(tokenizer.token_bytes(i) for i in ids) == " naïve 東京 🦊 fox".encode()

@@ -25,7 +25,7 @@ from tokenizers import (
 )
 
 from dnet.errors import InvalidModel
-from dnet.runtime.gguf import GGUFHeader
+from dnet.models.gguf import GGUFHeader
 
 # GPT-2's split; and the others, with the case-insensitive contractions of their
 # tokenizer.json spelled out as llama.cpp does.

@@ -10,13 +10,14 @@ import trio
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
-from dnet.head.ring import PlanEntry, open_ring
+from dnet.head.cluster import open_cluster
+from dnet.head.loaded_ring import PlanEntry
 from dnet.head.stops import StopMatcher
 from dnet.identity import Identity
 from dnet.protocol.messages import StartRequest
 from dnet.sampling import SamplingParams
 
-from .conftest import CLUSTER_KEY, open_peers
+from ..processes import CLUSTER_KEY, open_peers
 
 
 async def collect(ring, prompt, n=16, **kw):
@@ -24,8 +25,8 @@ async def collect(ring, prompt, n=16, **kw):
         return [e async for e in events]
 
 
-def plan(ring, cuts):
-    return [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(ring.peers, cuts, strict=True)]
+def plan(cluster, cuts):
+    return [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(cluster.peers, cuts, strict=True)]
 
 
 @pytest.mark.parametrize("lanes", [None, 2])
@@ -45,11 +46,11 @@ async def test_four_concurrent_requests_match_their_solo_runs(tiny_model, lanes)
     ]
     async with (
         open_peers(2) as peers,
-        open_ring(
+        open_cluster(
             [a for a, _ in peers], Identity.generate(), CLUSTER_KEY, decode_lanes=lanes
-        ) as ring,
+        ) as cluster,
     ):
-        await ring.load(str(path), plan(ring, [(0, 2), (2, 4)]))
+        ring = await cluster.load(str(path), plan(cluster, [(0, 2), (2, 4)]))
         assert ring.lanes.count == (lanes or 1)  # loopback: one machine, one lane
         alone = [
             [e.token_id for e in await collect(ring, p, 24, params=q)]
@@ -102,9 +103,9 @@ async def test_a_long_prompt_does_not_freeze_running_streams(tiny_model):
     long_prompt = [(7 * i) % 400 + 5 for i in range(96)]
     async with (
         open_peers(2) as peers,
-        open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring,
+        open_cluster([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as cluster,
     ):
-        await ring.load(str(path), plan(ring, [(0, 2), (2, 4)]))
+        ring = await cluster.load(str(path), plan(cluster, [(0, 2), (2, 4)]))
         alone = [e.token_id for e in await collect(ring, long_prompt, 4, prefill_chunk=4)]
         started, first_token = trio.Event(), trio.Event()
         during = [0, 0, 0]
@@ -141,9 +142,9 @@ async def test_leaving_early_frees_kv_on_every_peer(tiny_model):
     path = tiny_model(arch="qwen3")
     async with (
         open_peers(3) as peers,
-        open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring,
+        open_cluster([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as cluster,
     ):
-        await ring.load(str(path), plan(ring, [(0, 1), (1, 2), (2, 4)]))
+        ring = await cluster.load(str(path), plan(cluster, [(0, 1), (1, 2), (2, 4)]))
         async with aclosing(ring.generate([1, 2, 3, 4], max_tokens=100)) as events:
             async for e in events:
                 if e.index == 3:
@@ -164,9 +165,9 @@ async def test_stop_strings_and_finish_reasons(tiny_model):
     )
     async with (
         open_peers(2) as peers,
-        open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring,
+        open_cluster([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as cluster,
     ):
-        await ring.load(str(path), plan(ring, [(0, 2), (2, 4)]))
+        ring = await cluster.load(str(path), plan(cluster, [(0, 2), (2, 4)]))
         events = await collect(ring, prompt, 20)
         assert events[-1].finish_reason in ("length", "stop")
         text = "".join(e.text for e in events)
@@ -208,9 +209,9 @@ async def test_prefill_activation_over_one_mib(tiny_model):
     expected = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=8)]
     async with (
         open_peers(2) as peers,
-        open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring,
+        open_cluster([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as cluster,
     ):
-        await ring.load(str(path), plan(ring, [(0, 2), (2, 4)]))
+        ring = await cluster.load(str(path), plan(cluster, [(0, 2), (2, 4)]))
         got = await collect(ring, prompt, 8, prefill_chunk=4096)
         assert [e.token_id for e in got] == expected[: len(got)]
 
@@ -219,9 +220,9 @@ async def test_idle_requests_are_freed(tiny_model):
     path = tiny_model(arch="qwen3")
     async with (
         open_peers(2, idle_timeout=1.0) as peers,
-        open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring,
+        open_cluster([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as cluster,
     ):
-        await ring.load(str(path), plan(ring, [(0, 2), (2, 4)]))
+        ring = await cluster.load(str(path), plan(cluster, [(0, 2), (2, 4)]))
         # A head that starts a request and vanishes without ending it.
         await ring.order[0].send(StartRequest("orphan"))
         with trio.fail_after(5):
@@ -235,22 +236,29 @@ async def test_idle_requests_are_freed(tiny_model):
 async def test_requests_before_load_fail_cleanly(tiny_model):
     async with (
         open_peers(1) as peers,
-        open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring,
+        open_cluster([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as cluster,
     ):
         from dnet.errors import ModelNotFound, ModelNotLoaded
+        from dnet.head.coordinator import Coordinator
+        from dnet.head.serving import GenerationOptions
+        from dnet.head.text import Prompt
 
+        # No model loaded: no ring to generate on, and serving says so.
+        assert cluster.ring is None
+        serving = Coordinator(cluster).serving
         with pytest.raises(ModelNotLoaded):
-            await collect(ring, [1, 2, 3])
+            async with serving.open_generation(None, Prompt(ids=(1, 2, 3)), GenerationOptions()):
+                pass
         with pytest.raises(ModelNotFound):
-            await ring.load("/nonexistent/model", [PlanEntry(ring.peers[0].peer_id, 0, 4)])
+            await cluster.load("/nonexistent/model", [PlanEntry(cluster.peers[0].peer_id, 0, 4)])
 
 
 async def test_ping_echoes_its_payload():
     async with (
         open_peers(1) as peers,
-        open_ring([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as ring,
+        open_cluster([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as cluster,
     ):
-        peer = ring.peers[0]
+        peer = cluster.peers[0]
         times = await peer.ping(bytes(range(256)) * 16)
         assert 0 < times.to_peer < times.round_trip < 5
         assert 0 < times.from_peer < times.round_trip

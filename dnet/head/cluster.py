@@ -1,0 +1,272 @@
+"""``Cluster``: the peers the head is connected to, their link measurements, and
+membership events; it opens the ring of a loaded model over them.
+
+Each peer connection is a task of the cluster's nursery. Messages about requests
+(tokens, request errors) go to the loaded ring, if any; so does the news that a
+peer left.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import trio
+
+from dnet.errors import DnetError, PeerUnavailable
+from dnet.head.loaded_ring import (
+    LoadedRing,
+    PlanEntry,
+    Progress,
+    check_plan,
+    load_slices,
+    machines,
+    unload_slices,
+)
+from dnet.head.peers import PeerClient
+from dnet.identity import Identity, verify_signature
+from dnet.models.model_dir import ModelDir, open_model_dir
+from dnet.models.tokenizer import Tokenizer, load_tokenizer
+from dnet.protocol.messages import Error, Loaded, Status, StepTokens, Token
+from dnet.transport.connection import open_connection
+
+log = logging.getLogger(__name__)
+
+UNLOAD_TIMEOUT_S = 30.0
+
+
+class DuplicatePeer(DnetError):
+    """Two live peers prove the same peer id."""
+
+    code = "duplicate_peer"
+
+
+class Cluster:
+    """Connected peers; use ``open_cluster``."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        identity: Identity,
+        cluster_key: bytes,
+        name: str,
+        decode_lanes: int | None = None,
+    ) -> None:
+        self._nursery = nursery
+        self._identity = identity
+        self._cluster_key = cluster_key
+        self._name = name
+        self.peers: list[PeerClient] = []
+        self.duplicates: list[tuple[str, str]] = []  # (peer id, address) refused as clones
+        # Measured links, (from, to) → (when, link): reused by the next prepare.
+        self.link_cache: dict[tuple[str, str], tuple[float, Any]] = {}
+        self.decode_lanes = decode_lanes  # None: one per machine of the ring
+        self.ring: LoadedRing | None = None
+        self.closing = False
+        self._membership = trio.Event()
+        self._steps = itertools.count()  # step numbers, never reused across rings
+
+    def _membership_changed(self) -> None:
+        self._membership.set()
+        self._membership = trio.Event()
+
+    async def wait_peers(self, count: int) -> None:
+        """Return once at least ``count`` peers are connected."""
+        while len(self.peers) < count:
+            await self._membership.wait()
+
+    def peer(self, peer_id: str) -> PeerClient:
+        """Raises:
+        PeerUnavailable: no connected peer has that id.
+        """
+        for p in self.peers:
+            if p.peer_id == peer_id:
+                return p
+        raise PeerUnavailable(f"no connected peer has id {peer_id}")
+
+    async def status(self) -> list[Status]:
+        return [await p.call_status() for p in self.peers]
+
+    # -- membership -----------------------------------------------------------------
+
+    async def connect(self, address: str, expected_peer_id: str | None = None) -> PeerClient:
+        """Connect to one more peer; it stays in ``peers`` while connected.
+
+        Raises:
+            PeerUnavailable, HandshakeFailed, DuplicatePeer
+        """
+        client: PeerClient = await self._nursery.start(self._hold, address, expected_peer_id)
+        return client
+
+    async def _hold(
+        self, address: str, expected: str | None, *, task_status: trio.TaskStatus[PeerClient]
+    ) -> None:
+        async with open_connection(
+            address,
+            self._identity,
+            self._cluster_key,
+            verify_signature,
+            expected_peer_id=expected,
+            name=self._name,
+        ) as conn:
+            client = PeerClient(conn, address)
+            twin = next((p for p in self.peers if p.peer_id == client.peer_id and p.alive), None)
+            if twin is not None:
+                if twin.address == address:
+                    task_status.started(twin)  # already connected to this one
+                    return
+                # Two live peers proving one id: a cloned state directory. Report it.
+                self.duplicates.append((client.peer_id, address))
+                raise DuplicatePeer(
+                    f"{address} proves peer id {client.peer_id[:12]}, already live at "
+                    f"{twin.address}: a copied state directory? Give each install its own."
+                )
+            self.peers.append(client)
+            self._membership_changed()
+            log.info("peer %s joined", client.label)
+            task_status.started(client)
+            try:
+                await client.serve(self._on_request_message, self._on_closed)
+            finally:
+                self.peers.remove(client)
+                self._membership_changed()
+
+    def _on_request_message(self, message: Token | StepTokens | Error) -> None:
+        if self.ring is not None:
+            self.ring.on_message(message)
+
+    def _on_closed(self, peer: PeerClient, why: str) -> None:
+        if self.closing:
+            return
+        log.warning("peer %s left: it %s", peer.label, why)
+        if self.ring is not None:
+            self.ring.peer_lost(peer, why)
+
+    # -- the loaded model ------------------------------------------------------------
+
+    @asynccontextmanager
+    async def open_ring(
+        self,
+        model: ModelDir | str,
+        plan: Sequence[PlanEntry],
+        *,
+        max_context: int | None = None,
+        compute_dtype: str | None = None,
+        on_progress: Progress | None = None,
+    ) -> AsyncIterator[LoadedRing]:
+        """Load ``model`` across the peers named by ``plan`` (ring order; ranges must
+        tile all layers) and unload it on exit. The model must be readable on every
+        peer, and on the head (for the tokenizer). One ring at a time: a loaded one
+        is unloaded first.
+
+        Raises:
+            LayerRangeError, PeerUnavailable, PeerError, ModelNotFound, InvalidModel
+        """
+        if not isinstance(model, ModelDir):
+            model = await trio.to_thread.run_sync(open_model_dir, model)
+        check_plan(plan, model.num_layers)
+        order = [self.peer(e.peer_id) for e in plan]
+        if self.ring is not None:
+            await self.ring.unload()
+        loaded, tokenizer = await _load(model, plan, order, max_context, compute_dtype, on_progress)
+        lanes = self.decode_lanes or machines([p.address for p in order])
+        ring = LoadedRing(
+            order, model, tokenizer, loaded, max_context=max_context, lanes=lanes, steps=self._steps
+        )
+        self.ring = ring
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ring.serve_dispatch)
+                try:
+                    yield ring
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            if self.ring is ring:
+                self.ring = None
+            if not self.closing:  # on the cluster's end the connections close anyway
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(UNLOAD_TIMEOUT_S),
+                    suppress(DnetError),
+                ):
+                    await ring.unload()
+
+    async def load(self, model: ModelDir | str, plan: Sequence[PlanEntry], **kw: Any) -> LoadedRing:
+        """``open_ring``, held by the cluster until ``LoadedRing.unload`` (or the
+        next load, or the cluster's end).
+
+        Raises:
+            as ``open_ring``
+        """
+
+        async def hold(task_status: trio.TaskStatus[LoadedRing]) -> None:
+            async with self.open_ring(model, plan, **kw) as ring:
+                task_status.started(ring)
+                await ring.unloaded.wait()
+
+        ring: LoadedRing = await self._nursery.start(hold)
+        return ring
+
+
+async def _load(
+    model: ModelDir,
+    plan: Sequence[PlanEntry],
+    order: Sequence[PeerClient],
+    max_context: int | None,
+    compute_dtype: str | None,
+    on_progress: Progress | None,
+) -> tuple[list[Loaded], Tokenizer]:
+    """The peers' slices and the head's tokenizer; on failure, whatever loaded is
+    unloaded again."""
+    try:
+        loaded = await load_slices(
+            model,
+            plan,
+            order,
+            max_context=max_context,
+            compute_dtype=compute_dtype,
+            on_progress=on_progress,
+        )
+        eos = model.config.get("eos_token_id")
+        tokenizer = await trio.to_thread.run_sync(load_tokenizer, model.path, eos)
+    except BaseException:
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(UNLOAD_TIMEOUT_S),
+            suppress(DnetError),
+        ):
+            await unload_slices(order)
+        raise
+    return loaded, tokenizer
+
+
+@asynccontextmanager
+async def open_cluster(
+    addresses: Sequence[str],
+    identity: Identity,
+    cluster_key: bytes,
+    *,
+    expected_peer_ids: Sequence[str | None] | None = None,
+    name: str = "head",
+    decode_lanes: int | None = None,
+) -> AsyncIterator[Cluster]:
+    """Connect (and authenticate) to every address (more may join later through
+    ``Cluster.connect``); closes all on exit.
+
+    Raises:
+        PeerUnavailable, HandshakeFailed
+    """
+    expected = list(expected_peer_ids or [None] * len(addresses))
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery, identity, cluster_key, name, decode_lanes)
+        try:
+            for address, peer_id in zip(addresses, expected, strict=True):
+                await cluster.connect(address, peer_id)
+            yield cluster
+        finally:
+            cluster.closing = True
+            nursery.cancel_scope.cancel()
