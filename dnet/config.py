@@ -44,15 +44,22 @@ def parse_size(text: str) -> int:
     return size
 
 
+def whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
+    value = whole(text)
     if value < 1:
         raise ValueError(f"{value} is not a positive number")
     return value
 
 
 def port(text: str) -> int:
-    value = int(text)
+    value = whole(text)
     if not 0 <= value <= 65535:
         raise ValueError(f"{value} is not a port")
     return value
@@ -131,7 +138,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_memory", "memory this peer offers for a model's weights and KV cache, e.g. 512MiB or 2GiB (default: what the machine has free)", (PEER,), "--max-memory", "DNET_MAX_MEMORY", parse=parse_size, metavar="SIZE"),
     Option("request_idle_timeout_s", "seconds before an idle request's KV cache is freed", (PEER,), env="DNET_REQUEST_IDLE_TIMEOUT", default=600.0, parse=float),
     # shared
-    Option("model", "model: a directory, a .gguf file, a cached HF repo id, or smollm2-135m (the default)", (CONSOLE, GENERATE), "--model", "DNET_MODEL"),
+    Option("model", "prepare and load this model at start: a directory, a .gguf file, a cached HF repo id, or smollm2-135m", (CONSOLE,), "--model", "DNET_MODEL"),
+    Option("model", "model directory, .gguf file, cached HF repo id, or smollm2-135m (the default)", (GENERATE,), "--model", "DNET_MODEL"),
     Option("state_dir", "where the identity and cluster keys live (default ~/.local/state/dnet)", (PEER, CONSOLE), "--state-dir", "DNET_STATE_DIR", default_state_dir, path),
     Option("cluster_key_file", _KEY_FILE, (PEER, CONSOLE), "--cluster-key-file", "DNET_CLUSTER_KEY_FILE", parse=path),
     Option("cluster_key", "the cluster key, hex (overrides key files)", (PEER, CONSOLE), env="DNET_CLUSTER_KEY"),
@@ -146,8 +154,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_tokens", "new tokens to generate (default 48)", (GENERATE,), "--max-tokens", default=48, parse=positive_int),
     Option("temperature", "0 is greedy (default)", (GENERATE,), "--temperature", default=0.0, parse=float),
     Option("top_p", "nucleus sampling (default 1: off)", (GENERATE,), "--top-p", default=1.0, parse=float),
-    Option("top_k", "sample from the k most likely (default 0: off)", (GENERATE,), "--top-k", default=0, parse=int),
-    Option("seed", "sampling seed", (GENERATE,), "--seed", parse=int),
+    Option("top_k", "sample from the k most likely (default 0: off)", (GENERATE,), "--top-k", default=0, parse=whole),
+    Option("seed", "sampling seed", (GENERATE,), "--seed", parse=whole),
     Option("prefill_chunk", "prompt tokens per prefill step (default 2048)", (GENERATE,), "--prefill-chunk", default=2048, parse=positive_int),
 )  # fmt: skip
 
