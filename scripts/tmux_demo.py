@@ -119,6 +119,15 @@ def main() -> int:
         )
         tmux("send-keys", "-t", session, "F2")
         wait_for(session, "the chat", lambda s: "Enter sends" in s, 30)
+        # Greedy, so the check does not hang on a sample: back from the message box
+        # to the temperature (past max tokens), 0.7 -> 0, and forward again.
+        for key in ("BTab", "BTab", "End", "BSpace", "BSpace", "BSpace", "0"):
+            tmux("send-keys", "-t", session, key)
+            time.sleep(0.2)
+        wait_for(session, "temperature 0", lambda s: re.search(r"temperature\W+0\s", s), 10)
+        for key in ("Tab", "Tab"):
+            tmux("send-keys", "-t", session, key)
+            time.sleep(0.2)
         tmux("send-keys", "-t", session, "-l", QUESTION)
         tmux("send-keys", "-t", session, "Enter")
         shown = wait_for(session, "an answer", lambda s: "answer tokens" in s, 120)
