@@ -26,10 +26,16 @@ CONSOLE_HELP = (
 def console_main(argv: list[str] | None = None) -> int:
     args = build_parser(CONSOLE, CONSOLE_HELP).parse_args(argv)
     try:
-        settings = ConsoleSettings.from_args(args)
-    except SettingsError as exc:
-        print(f"dnet-console: {exc}", file=sys.stderr)
+        settings = _with_api_key(ConsoleSettings.from_args(args))
+    except (SettingsError, DnetError) as exc:
+        print(f"dnet-console: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
+    if settings.api_key is None and not settings.connect and not _is_loopback(settings.http_host):
+        print(
+            f"dnet-console: WARNING: serving {settings.http_host} without an API key: anyone "
+            "who can reach it can use and control this head (--api-key-file FILE)",
+            file=sys.stderr,
+        )
     if settings.connect:
         return _dashboard(settings, None)
     if settings.demo:
@@ -44,6 +50,29 @@ def console_main(argv: list[str] | None = None) -> int:
         print(f"dnet-console: {exc.message}", file=sys.stderr)
         return 2
     return _local_head(settings, peers)
+
+
+def _with_api_key(settings: ConsoleSettings) -> ConsoleSettings:
+    """Settings with the key of ``--api-key-file`` read in (``--api-key`` wins).
+
+    Raises:
+        KeyFileError
+    """
+    if settings.api_key is not None or settings.api_key_file is None:
+        return settings
+    from dnet.identity import read_secret_file
+
+    key = read_secret_file(settings.api_key_file, "the API key file").strip()
+    return attrs.evolve(settings, api_key=key or None)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _local_head(settings: ConsoleSettings, peers: list[str], key: bytes | None = None) -> int:
@@ -217,7 +246,12 @@ async def serve_head(
             trio.open_nursery() as nursery,
         ):
             app = create_app(
-                coordinator, api_key=settings.api_key, logs=logs, cors_origin=settings.cors_origin
+                coordinator,
+                api_key=settings.api_key,
+                logs=logs,
+                cors_origin=settings.cors_origin,
+                allowed_hosts=settings.allowed_hosts,
+                max_body=settings.max_body,
             )
             served = trio.Event()
             url = await nursery.start(_serve_until, app, settings, stop, served)

@@ -124,7 +124,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("peers", "a peer to use (repeatable)", (CONSOLE,), "--peer", action="append", metavar="HOST:PORT", default=()),
     Option("peers_file", "a file of peer addresses, one per line", (CONSOLE,), "--peers-file", "DNET_PEERS_FILE", parse=path),
     Option("interfaces", "browse mDNS on this address (repeatable; default: every non-loopback IPv4)", (CONSOLE,), "--interface", action="append", metavar="IPV4", default=()),
-    Option("api_key", "require 'Authorization: Bearer KEY' on /v1", (CONSOLE,), "--api-key", "DNET_API_KEY"),
+    Option("api_key", "require 'Authorization: Bearer KEY' on /v1 (visible in ps: prefer --api-key-file)", (CONSOLE,), "--api-key", "DNET_API_KEY"),
+    Option("api_key_file", "file holding the API key", (CONSOLE,), "--api-key-file", "DNET_API_KEY_FILE", parse=path),
+    Option("allowed_hosts", "another name the head answers to in the Host header (repeatable; IP addresses, loopback and this machine's names always work)", (CONSOLE,), "--allowed-host", action="append", metavar="NAME", default=()),
+    Option("max_body", "largest request body the API reads (default 4MiB)", (CONSOLE,), "--max-body", "DNET_MAX_BODY", 4 << 20, parse_size, metavar="SIZE"),
     Option("cors_origin", "let browser apps from ORIGIN (or *) call the API (default: none)", (CONSOLE,), "--cors-origin", "DNET_CORS_ORIGIN", metavar="ORIGIN"),
     Option("max_concurrent", "requests served at once; more get 429 (default 64)", (CONSOLE,), "--max-concurrent", "DNET_MAX_CONCURRENT", 64, positive_int),
     Option("context", "context length to place for (default 4096)", (CONSOLE,), "--context", "DNET_CONTEXT", 4096, positive_int),
@@ -311,6 +314,9 @@ class ConsoleSettings:
     cluster_key_file: Path | None = None
     cluster_key: str | None = None
     api_key: str | None = None
+    api_key_file: Path | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    max_body: int = 4 << 20
     cors_origin: str | None = None
     max_concurrent: int = 64
     context: int = 4096

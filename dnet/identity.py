@@ -98,6 +98,24 @@ def parse_cluster_key(text: str, where: str) -> bytes:
     return key
 
 
+def read_secret_file(path: Path, what: str) -> str:
+    """A secret's text; a file other users may read is used, with a warning.
+
+    Raises:
+        KeyFileError: it cannot be read.
+    """
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {what} {path}: {exc}") from exc
+    if mode & 0o077:
+        log.warning(
+            "%s %s can be read by other users (mode %o): chmod 600 it", what, path, mode & 0o777
+        )
+    return text
+
+
 def load_cluster_key(
     state_dir: Path, key_file: Path | None = None, key_text: str | None = None
 ) -> tuple[bytes, Path | None, bool]:
@@ -113,12 +131,14 @@ def load_cluster_key(
     if key_text:
         return parse_cluster_key(key_text, "DNET_CLUSTER_KEY"), None, False
     if key_file is not None:
-        try:
-            return parse_cluster_key(key_file.read_text(), str(key_file)), key_file, False
-        except OSError as exc:
-            raise KeyFileError(f"cannot read the cluster key file {key_file}: {exc}") from exc
+        text = read_secret_file(key_file, "the cluster key file")
+        return parse_cluster_key(text, str(key_file)), key_file, False
     path = state_dir / CLUSTER_KEY_FILE
     if path.exists():
-        return parse_cluster_key(path.read_text(), str(path)), path, False
+        return (
+            parse_cluster_key(read_secret_file(path, "the cluster key file"), str(path)),
+            path,
+            False,
+        )
     _write_secret(path, secrets.token_hex(32))
     return parse_cluster_key(path.read_text(), str(path)), path, True

@@ -1,10 +1,10 @@
 """The Quart-trio app: the OpenAI endpoints (``dnet.api.openai``) and the cluster
-endpoints (``dnet.api.cluster``) over a Coordinator, behind the API key and CORS
-checks. Errors leave through ``dnet.api.errors``."""
+endpoints (``dnet.api.cluster``) over a Coordinator, behind ``dnet.api.guard``'s
+checks of the caller. Errors leave through ``dnet.api.errors``."""
 
 from __future__ import annotations
 
-import hmac
+from collections.abc import Sequence
 
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -12,11 +12,12 @@ from quart_trio import QuartTrio
 from dnet.api.cluster import cluster
 from dnet.api.context import Head
 from dnet.api.errors import install_error_handlers, refusal
+from dnet.api.guard import Guard
 from dnet.api.logs import LogBuffer
 from dnet.api.openai import openai
 from dnet.head.coordinator import Coordinator
 
-MAX_BODY_BYTES = 16 << 20
+MAX_BODY_BYTES = 4 << 20
 
 
 def create_app(
@@ -25,27 +26,26 @@ def create_app(
     api_key: str | None = None,
     logs: LogBuffer | None = None,
     cors_origin: str | None = None,
+    allowed_hosts: Sequence[str] = (),
+    max_body: int = MAX_BODY_BYTES,
 ) -> QuartTrio:
     """The app. ``cors_origin`` lets browser front-ends of that origin (or ``*``)
-    call the API; off by default, so that web pages cannot reach a local head."""
+    call the API; off by default, so that web pages cannot reach a local head.
+    ``allowed_hosts``: names besides this machine's that the head answers to."""
     app = QuartTrio("dnet")
     app.config["RESPONSE_TIMEOUT"] = None  # a stream lasts as long as its generation
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = max_body
     app.extensions["dnet"] = Head(coordinator, logs)
 
+    guard = Guard.for_head(api_key, cors_origin, allowed_hosts)
+
     @app.before_request
-    async def check_api_key() -> Response | None:
+    async def check_caller() -> Response | None:
+        refused = guard.check(request.method, request.path, request.headers)
+        if refused is not None:
+            return refusal(refused.message, refused.code, refused.status)
         if request.method == "OPTIONS" and cors_origin is not None:
             return Response("", status=204)  # a CORS preflight carries no credentials
-        if api_key is None or not request.path.startswith("/v1"):
-            return None
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            return refusal(
-                "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                "invalid_api_key",
-                401,
-            )
         return None
 
     @app.after_request

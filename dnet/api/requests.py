@@ -20,6 +20,7 @@ from dnet.head.text import Prompt
 from dnet.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP_STRINGS = 16
+MAX_JSON_DEPTH = 64  # an OpenAI request nests 5 or 6 deep (content parts)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "suffix", "audio")
 
@@ -37,14 +38,30 @@ class GenerationRequest:
     include_usage: bool
 
 
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in ``value`` (no recursion)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            todo.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def parse_json(data: bytes) -> dict[str, Any]:
     """Raises:
-    InvalidRequest
+    InvalidRequest: not JSON, not an object, or nested deeper than ``MAX_JSON_DEPTH``.
     """
+    too_deep = InvalidRequest(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         body = json.loads(data)
+    except RecursionError:
+        raise too_deep from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise too_deep
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body

@@ -25,14 +25,12 @@ class _Generation(jinja2.ext.Extension):
     """``{% generation %}…{% endgeneration %}`` marks an assistant turn for training
     masks; here it only renders its body."""
 
-    tags = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 (jinja's own attribute)
 
     def parse(self, parser: Any) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(
-            lineno
-        )
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
 
     def _render(self, caller: Any) -> str:
         return str(caller())
@@ -92,4 +90,6 @@ def render_chat(
             **special_tokens,
         )
     except jinja2.TemplateError as exc:
-        raise InvalidRequest(f"the model's chat template refused the messages: {exc}", "messages")
+        raise InvalidRequest(
+            f"the model's chat template refused the messages: {exc}", "messages"
+        ) from None

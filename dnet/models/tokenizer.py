@@ -202,7 +202,10 @@ def _llama_bos_eos(backend: Backend, config: dict[str, Any], special: dict) -> N
     if not str(config.get("tokenizer_class", "")).startswith(("Llama", "Gemma")):
         return
     single, specials = "$A", []
-    for flag, name, default in (("add_bos_token", "bos_token", True), ("add_eos_token", "eos_token", False)):
+    for flag, name, default in (
+        ("add_bos_token", "bos_token", True),
+        ("add_eos_token", "eos_token", False),
+    ):
         token = special.get(name)
         token_id = backend.token_to_id(token) if token else None
         if not config.get(flag, default) or token_id is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -43,7 +45,12 @@ def test_malformed_json_is_a_400(cluster):
         headers={"content-type": "application/json"},
     )
     assert_openai_error(response, 400)
-    assert_openai_error(httpx.post(cluster.url + "/v1/completions", content=b"[1, 2]"), 400)
+    not_an_object = httpx.post(
+        cluster.url + "/v1/completions",
+        content=b"[1, 2]",
+        headers={"content-type": "application/json"},
+    )
+    assert_openai_error(not_an_object, 400)
 
 
 @pytest.mark.parametrize(
@@ -142,6 +149,8 @@ def test_api_key_over_capacity_and_a_dead_peer(tiny_model, tmp_path):
         wrong = OpenAI(base_url=c.url + "/v1", api_key="nope", max_retries=0)
         with pytest.raises(AuthenticationError):
             wrong.models.list()
+        lower = httpx.get(c.url + "/v1/models", headers={"Authorization": "bearer sesame"})
+        assert lower.status_code == 200  # the scheme is case-insensitive (RFC 7235)
         right = OpenAI(base_url=c.url + "/v1", api_key="sesame", max_retries=0, timeout=30)
         assert right.models.list().data[0].id == str(c.model)
         # A browser app of the allowed origin: the preflight needs no key.
@@ -214,3 +223,57 @@ def _long_request(c) -> dict:
         "temperature": 0.9,
         "seed": 1,
     }
+
+
+def test_web_pages_cannot_drive_the_head(cluster):
+    url = cluster.url
+    # "Simple" cross-site POSTs (no preflight): text/plain and a form.
+    plain = httpx.post(
+        url + "/v1/unload_model", content=b"{}", headers={"Content-Type": "text/plain"}
+    )
+    assert assert_openai_error(plain, 415)["code"] == "unsupported_media_type"
+    form = httpx.post(url + "/v1/chat/completions", data={"model": "x"})
+    assert_openai_error(form, 415)
+    # JSON from a page of another origin: refused before anything runs.
+    evil = {"Origin": "https://evil.example"}
+    for path in ("/v1/unload_model", "/v1/load_model", "/v1/chat/completions"):
+        refused = httpx.post(url + path, json={}, headers=evil)
+        assert assert_openai_error(refused, 403)["code"] == "origin_not_allowed"
+    # DNS rebinding: the page's own name in Host, to read the answers.
+    rebound = httpx.get(url + "/v1/models", headers={"Host": "evil.example"})
+    assert assert_openai_error(rebound, 403)["code"] == "host_not_allowed"
+    assert cluster.get("/health").json()["state"] == "loaded"  # nothing was unloaded
+    # The head's own names and origin still work.
+    port = urlsplit(url).port
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+        assert httpx.get(url + "/v1/models", headers={"Host": host}).status_code == 200
+    assert httpx.get(url + "/v1/models", headers={"Origin": url}).status_code == 200
+
+
+def test_deep_json_and_big_bodies_are_refused_cheaply(cluster):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    response = httpx.post(
+        cluster.url + "/v1/chat/completions",
+        content=deep,
+        headers={"Content-Type": "application/json"},
+    )
+    assert "nests deeper" in assert_openai_error(response, 400)["message"]
+    nested: object = "x"
+    for _ in range(70):
+        nested = [nested]
+    too_deep = chat(cluster, metadata=nested)
+    assert "nests deeper" in assert_openai_error(too_deep, 400)["message"]
+    pid = cluster.console.proc.pid
+    before = _peak_rss(pid)
+    big = {"model": str(cluster.model), "messages": [{"role": "user", "content": "x" * (14 << 20)}]}
+    response = httpx.post(cluster.url + "/v1/chat/completions", json=big, timeout=60)
+    assert_openai_error(response, 413)
+    assert _peak_rss(pid) - before < 200 << 20
+    assert chat(cluster, max_tokens=2).status_code == 200  # and it still serves
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmHWM")

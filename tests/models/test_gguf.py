@@ -14,9 +14,9 @@ import pytest
 
 from dnet.errors import InvalidModel, ModelNotFound, UnsupportedTensorType
 from dnet.models.gguf import read_header
-from dnet.runtime.gguf_tensors import read_tensors
 from dnet.models.model_dir import open_model_dir, resolve_model
 from dnet.models.packaged import SMOLLM2, packaged_path
+from dnet.runtime.gguf_tensors import read_tensors
 
 from .gguf_files import gguf_name, llama_cpp_permute, write_gguf
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dnet.runtime.arrays import to_host
-from dnet.runtime.engine import SliceEngine
 from dnet.models.model_dir import open_model_dir
 from dnet.models.model_profile import model_profile
+from dnet.runtime.arrays import to_host
+from dnet.runtime.engine import SliceEngine
 from dnet.runtime.slice import load_slice
 from dnet.solver.solve import _Costs
 
