@@ -208,8 +208,25 @@ class PeerDaemon:
         finally:
             if self.controller is conn:
                 self.controller = None
+                if self._nursery is not None:  # its requests have no one to answer to
+                    self._nursery.start_soon(self._free_orphans, conn)
             if self._followers.get(conn.remote_peer_id) is conn:
                 del self._followers[conn.remote_peer_id]
+
+    async def _free_orphans(self, conn: Connection) -> None:
+        """Free every request: the head that started them is gone (killed, or its
+        link dropped); it fails them on its side, and nobody reads their tokens."""
+        engine = self.engine
+        if engine is None:
+            return
+        rids = await self._compute.run(engine.request_ids)
+        if self.controller is not None:
+            return  # a head took over at once: its requests are not orphans
+        for rid in rids:
+            self._meta.pop(rid, None)
+            await self._compute.run(engine.end, rid)
+        if rids:
+            log.info("freed %d requests of %s, which disconnected", len(rids), conn)
 
     async def _control(self, conn: Connection, message: Message) -> Message | None:
         if isinstance(message, StatusRequest):
