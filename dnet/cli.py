@@ -133,8 +133,10 @@ def peer_main(argv: list[str] | None = None) -> int:
             cache_dir=settings.cache_dir / "native",
             skinny=settings.use_skinny_kernel,
         )
+    from dnet.limits import raise_file_limit
     from dnet.runtime.device_profile import return_large_frees
 
+    raise_file_limit()
     return_large_frees()  # a peer's footprint is what it holds, not what it read through
     import trio
 

@@ -77,6 +77,9 @@ def _is_loopback(host: str) -> bool:
 
 def _local_head(settings: ConsoleSettings, peers: list[str], key: bytes | None = None) -> int:
     """Run the head here: headless under ``trio.run``, else inside the dashboard."""
+    from dnet.limits import raise_file_limit
+
+    raise_file_limit()
     from dnet.identity import load_cluster_key, load_identity
 
     _configure_logging(settings)

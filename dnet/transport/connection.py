@@ -25,10 +25,13 @@ from dnet.protocol.handshake import (
     Verify,
 )
 from dnet.protocol.messages import Error, Message
-from dnet.transport.links import Link, LinkClosed
+from dnet.transport.links import HANDSHAKE_MAX_BYTES, MAX_MESSAGE_BYTES, Link, LinkClosed
+from dnet.transport.refusals import RateLimitedLog
 from dnet.transport.websocket import WsLink, connect_websocket, serve_websocket
 
 log = logging.getLogger(__name__)
+
+_refused = RateLimitedLog(log)  # strangers may knock thousands of times
 
 HANDSHAKE_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
@@ -77,10 +80,13 @@ class Connection:
 
 @asynccontextmanager
 async def _handshaking(link: Link, who: str) -> AsyncIterator[None]:
-    """The handshake's time limit, and its failures: tell the other side, close."""
+    """The handshake's time and size limits, and its failures: tell the other
+    side, close. Only once it succeeds may big messages come."""
+    link.limit(HANDSHAKE_MAX_BYTES)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT_S):
             yield
+        link.limit(MAX_MESSAGE_BYTES)
     except HandshakeFailed as exc:
         await Connection(link, "", "").fail(exc)
         raise
@@ -192,7 +198,7 @@ async def serve_connections(
         try:
             conn = await server_handshake(link, identity, cluster_key, verify, name=name)
         except (HandshakeFailed, LinkClosed) as exc:
-            log.warning("refused a connection from %s: %s", link.description, exc)
+            _refused(logging.WARNING, "refused a connection from %s: %s", link.description, exc)
             return
         conn.address = link.description
         await handler(conn)

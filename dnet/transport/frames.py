@@ -88,6 +88,11 @@ class FrameReader:
         self._size = 0
         self._message_op: int | None = None
 
+    def limit(self, max_message: int) -> None:
+        """From now on, refuse messages over ``max_message`` bytes (as soon as a
+        frame header says so: nothing of it is buffered)."""
+        self._max_message = max_message
+
     def receive_data(self, data: bytes | bytearray) -> None:
         self._buffer += data
 

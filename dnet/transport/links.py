@@ -17,6 +17,9 @@ from dnet.errors import PeerUnavailable
 # Prefill activations are chunked by the head, but one chunk can still be several
 # MiB: far above the 1 MiB default of common WebSocket stacks.
 MAX_MESSAGE_BYTES = 1 << 30
+# Until a connection is authenticated only handshake messages (under 1 KiB) may come:
+# a stranger cannot make a peer buffer more than this.
+HANDSHAKE_MAX_BYTES = 64 << 10
 RECEIVE_BUFFER_BYTES = 1 << 20
 
 
@@ -33,6 +36,10 @@ class Link(Protocol):
 
     async def aclose(self) -> None: ...
 
+    def limit(self, max_message: int) -> None:
+        """Refuse (close on) messages over ``max_message`` bytes from now on."""
+        ...
+
 
 class MemoryLink:
     """One end of an in-memory link pair (``memory_link_pair``)."""
@@ -43,6 +50,10 @@ class MemoryLink:
         self._send = send
         self._receive = receive
         self.description = "memory"
+        self._max_message = MAX_MESSAGE_BYTES
+
+    def limit(self, max_message: int) -> None:
+        self._max_message = max_message
 
     async def send(self, data: bytes) -> None:
         try:
@@ -52,9 +63,13 @@ class MemoryLink:
 
     async def receive(self) -> bytes:
         try:
-            return await self._receive.receive()
+            data = await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             raise LinkClosed("memory link closed") from exc
+        if len(data) > self._max_message:
+            await self.aclose()
+            raise LinkClosed(f"a message over {self._max_message} bytes")
+        return data
 
     async def aclose(self) -> None:
         await self._send.aclose()

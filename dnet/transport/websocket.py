@@ -42,6 +42,7 @@ from dnet.transport.frames import (
     parse_close,
 )
 from dnet.transport.links import MAX_MESSAGE_BYTES, RECEIVE_BUFFER_BYTES, LinkClosed
+from dnet.transport.refusals import RateLimitedLog, SourceCaps, TooManyConnections
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,9 @@ class WsLink:
             await self._write(encode_frame(opcode, payload, mask=self._client))
         finally:
             self._send_lock.release()
+
+    def limit(self, max_message: int) -> None:
+        self._reader.limit(max_message)
 
     async def send(self, data: bytes) -> None:
         await self._send_frame(OP_BINARY, data)
@@ -225,6 +229,45 @@ async def _refuse(stream: trio.SocketStream, ws: WSConnection, path: str) -> Non
     await stream.aclose()
 
 
+_dropped = RateLimitedLog(log)
+
+
+def _describe(stream: trio.SocketStream) -> tuple[str, str]:
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return "?", "?"
+    return str(peer[0]), f"{peer[0]}:{peer[1]}"
+
+
+async def _upgrade(
+    stream: trio.SocketStream, path: str, timeout: float, description: str
+) -> WsLink | None:
+    """The upgraded link, or None (the stream closed) when it is not a WebSocket
+    upgrade to ``path`` within ``timeout``."""
+    ws = WSConnection(ConnectionType.SERVER)
+    try:
+        with trio.fail_after(timeout):
+            head, leftover = await _read_http_head(stream)
+        request = _upgrade_event(ws, head)
+        if not isinstance(request, Request):
+            raise WebSocketError(f"expected a WebSocket upgrade, got {type(request).__name__}")
+        if request.target != path:
+            await _refuse(stream, ws, path)
+            return None
+        await stream.send_all(ws.send(AcceptConnection()))
+    except (
+        WebSocketError,
+        trio.TooSlowError,
+        trio.BrokenResourceError,
+        LocalProtocolError,
+    ) as exc:
+        _dropped(logging.INFO, "dropped a connection from %s: %s", description, exc)
+        await stream.aclose()
+        return None
+    return WsLink(stream, client=False, description=description, leftover=leftover)
+
+
 async def serve_websocket(
     handler: Callable[[WsLink], Awaitable[Any]],
     host: str,
@@ -235,43 +278,29 @@ async def serve_websocket(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept WebSocket upgrades on ``path``; each link goes to ``handler`` in its
-    own task, and is closed when the handler returns."""
+    own task, and is closed when the handler returns. A source address holds at
+    most ``MAX_CONNECTIONS_PER_SOURCE`` connections; refusals are logged at a
+    bounded rate."""
+    caps = SourceCaps()
 
     async def accept(stream: trio.SocketStream) -> None:
+        source, description = _describe(stream)
         try:
-            peer = stream.socket.getpeername()
-            description = f"{peer[0]}:{peer[1]}"
-        except OSError:
-            description = "?"
-        ws = WSConnection(ConnectionType.SERVER)
-        try:
-            with trio.fail_after(timeout):
-                head, leftover = await _read_http_head(stream)
-            request = _upgrade_event(ws, head)
-            if not isinstance(request, Request):
-                raise WebSocketError(f"expected a WebSocket upgrade, got {type(request).__name__}")
-            if request.target != path:
-                await _refuse(stream, ws, path)
-                return
-            await stream.send_all(ws.send(AcceptConnection()))
-        except (
-            WebSocketError,
-            trio.TooSlowError,
-            trio.BrokenResourceError,
-            LocalProtocolError,
-        ) as exc:
-            log.info("dropped a connection from %s: %s", description, exc)
+            with caps.hold(source):
+                link = await _upgrade(stream, path, timeout, description)
+                if link is None:
+                    return
+                try:
+                    await handler(link)
+                except Exception:
+                    # A bug met by one connection must not take the listener (and
+                    # every other connection) down with it.
+                    log.exception("connection from %s failed", description)
+                finally:
+                    await link.aclose()
+        except TooManyConnections as exc:
+            _dropped(logging.INFO, "dropped a connection from %s: %s", description, exc)
             await stream.aclose()
-            return
-        link = WsLink(stream, client=False, description=description, leftover=leftover)
-        try:
-            await handler(link)
-        except Exception:
-            # A bug met by one connection must not take the listener (and every
-            # other connection) down with it.
-            log.exception("connection from %s failed", description)
-        finally:
-            await link.aclose()
 
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]

@@ -277,3 +277,26 @@ def _peak_rss(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) << 10
     raise AssertionError("no VmHWM")
+
+
+def test_two_thousand_idle_connections_leave_the_head_serving(cluster):
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2200:
+        pytest.skip(f"this machine allows {hard} open files")
+    resource.setrlimit(
+        resource.RLIMIT_NOFILE, (max(soft, 4096) if hard == resource.RLIM_INFINITY else hard, hard)
+    )
+    port = urlsplit(cluster.url).port
+    idle = []
+    try:
+        for _ in range(2000):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        answer = chat(cluster, max_tokens=2)
+        assert answer.status_code == 200, answer.text
+    finally:
+        for s in idle:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

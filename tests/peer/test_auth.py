@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
@@ -11,6 +14,7 @@ from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from dnet.identity import Identity, verify_signature
+from dnet.peer.process import PeerProcess
 from dnet.protocol.codec import decode, encode
 from dnet.protocol.handshake import ClientHandshake, HandshakeFailed
 from dnet.protocol.messages import (
@@ -191,5 +195,62 @@ def test_a_live_peer_survives_random_and_mutated_frames(tmp_path):
 
         fuzz()
         assert peer.proc.poll() is None, "the peer died"
+    finally:
+        peer.stop()
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmHWM")
+
+
+def _send_huge_frame(address: str, size: int) -> int:
+    """Upgrade a raw socket to a WebSocket and send one binary frame of ``size``
+    bytes before any handshake; returns how many bytes the peer took before it
+    closed the connection."""
+    import base64
+    import socket
+    import struct
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET {parts.path} HTTP/1.1\r\nHost: {parts.hostname}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    assert b"101" in sock.recv(4096).split(b"\r\n")[0]
+    sent = 0
+    try:
+        sock.sendall(bytes([0x82, 0x80 | 127]) + struct.pack(">Q", size) + b"\0\0\0\0")
+        chunk = bytes(1 << 20)
+        while sent < size:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except OSError:
+        pass  # closed by the peer: what it should do
+    finally:
+        sock.close()
+    return sent
+
+
+def test_a_huge_frame_before_the_handshake_costs_the_peer_nothing(tmp_path):
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text(CLUSTER_KEY.hex())
+    peer = PeerProcess(tmp_path / "p", "big", key_file=key_file)
+    try:
+        time.sleep(0.5)
+        before = _peak_rss(peer.proc.pid)
+        taken = _send_huge_frame(peer.address, 100 << 20)
+        grown = _peak_rss(peer.proc.pid) - before
+        assert grown < 10 << 20, f"peak RSS grew {grown >> 20} MiB"
+        assert taken < 100 << 20  # it hung up long before the end
+        # And it still serves the cluster.
+        assert trio.run(status_over_fresh_connection, peer.address).layers is None
     finally:
         peer.stop()
