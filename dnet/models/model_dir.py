@@ -151,26 +151,61 @@ def download_model(repo_id: str, revision: str | None = None) -> Path:
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
 
 
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+
+
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
-    """Read one safetensors file's header (not its data).
+    """Read one safetensors file's header (not its data), and check that the data
+    it describes is all in the file.
 
     Raises:
-        InvalidModel: the file is truncated or its header is not valid JSON.
+        InvalidModel: the header is not valid, or the file is truncated.
     """
     try:
         with file.open("rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
+            if size > MAX_HEADER_BYTES:
+                raise ValueError(f"its header claims {size} bytes")
             header = json.loads(f.read(size))
+            file_size = f.seek(0, 2)
     except (OSError, struct.error, ValueError) as exc:
-        raise InvalidModel(f"cannot read the safetensors header of {file}: {exc}") from exc
+        raise InvalidModel(f"{file.name} is not a valid safetensors file: {_short(exc)}") from None
+    if not isinstance(header, dict):
+        raise InvalidModel(
+            f"{file.name} is not a valid safetensors file: its header is not an object"
+        )
     out = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        begin, end = entry["data_offsets"]
-        shape = tuple(entry["shape"])
-        out[name] = TensorInfo(file, entry["dtype"], shape, end - begin, 8 + size + begin)
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = tuple(int(d) for d in entry["shape"])
+            dtype = str(entry["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise InvalidModel(f"{file.name}: the header entry of {name!r} is malformed") from None
+        if not 0 <= begin <= end or any(d < 0 for d in shape):
+            raise InvalidModel(f"{file.name}: the header entry of {name!r} is malformed")
+        out[name] = TensorInfo(file, dtype, shape, end - begin, 8 + size + begin)
+    data = file_size - 8 - size
+    needed = max((t.offset - 8 - size + t.nbytes for t in out.values() if t.offset), default=0)
+    if needed > data:
+        raise InvalidModel(
+            f"{file.name} is truncated: its header describes {needed} bytes of tensors, "
+            f"the file holds {max(data, 0)} (an interrupted download?)"
+        )
     return out
+
+
+def _short(exc: Exception) -> str:
+    """An error's gist without echoing what it read (a parse position, content)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return "its header is not valid JSON"
+    if isinstance(exc, UnicodeDecodeError):
+        return "its header is not text"
+    if isinstance(exc, struct.error):
+        return "it is shorter than a header"
+    return str(exc) if isinstance(exc, ValueError) else type(exc).__name__
 
 
 def open_model_dir(ref: str | Path, hf_cache_dir: Path | None = None) -> ModelDir:
@@ -185,11 +220,15 @@ def open_model_dir(ref: str | Path, hf_cache_dir: Path | None = None) -> ModelDi
         return open_gguf(path)
     try:
         config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidModel(f"cannot read {path / 'config.json'}: {exc}") from exc
+    except OSError:
+        raise InvalidModel(f"cannot read {path.name}/config.json") from None
+    except ValueError:
+        raise InvalidModel(f"{path.name}/config.json is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise InvalidModel(f"{path.name}/config.json is not a JSON object")
     for key in ("model_type", "num_hidden_layers"):
         if key not in config:
-            raise InvalidModel(f"{path / 'config.json'} has no {key!r}")
+            raise InvalidModel(f"{path.name}/config.json has no {key!r}")
 
     index = path / INDEX_FILE
     if index.is_file():
@@ -207,7 +246,44 @@ def open_model_dir(ref: str | Path, hf_cache_dir: Path | None = None) -> ModelDi
         if not file.is_file():
             raise InvalidModel(f"{index} names {file.name}, which is missing")
         tensors.update(read_safetensors_header(file))
+    check_config(path.name, config, tensors)
     return ModelDir(path, config, tensors)
+
+
+# Far beyond any released model; a config past them would make every peer allocate
+# absurd buffers while it profiles or loads.
+CONFIG_LIMITS = {
+    "hidden_size": 65536,
+    "num_hidden_layers": 1024,
+    "intermediate_size": 1 << 20,
+    "vocab_size": 1 << 23,
+    "num_attention_heads": 1024,
+}
+
+
+def check_config(name: str, config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
+    """Refuse configs no weights could match: sizes past ``CONFIG_LIMITS``, or a
+    width or vocabulary other than the embedding table's.
+
+    Raises:
+        InvalidModel
+    """
+    for key, limit in CONFIG_LIMITS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+            raise InvalidModel(f"{name}: config.json's {key} is {value!r}, not a size a model has")
+    embed = tensors.get("model.embed_tokens.weight")
+    if embed is None or embed.dtype not in ("F32", "F16", "BF16") or len(embed.shape) != 2:
+        return  # quantized or renamed: its packed shape says less
+    vocab, hidden = embed.shape
+    for key, value in (("hidden_size", hidden), ("vocab_size", vocab)):
+        if config.get(key, value) != value:
+            raise InvalidModel(
+                f"{name}: config.json's {key} is {config[key]}, but the embedding table "
+                f"model.embed_tokens.weight is {vocab} x {hidden}"
+            )
 
 
 def open_gguf(path: Path) -> ModelDir:

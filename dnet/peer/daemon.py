@@ -219,12 +219,15 @@ class PeerDaemon:
         engine = self.engine
         if engine is None:
             return
-        rids = await self._compute.run(engine.request_ids)
-        if self.controller is not None:
-            return  # a head took over at once: its requests are not orphans
-        for rid in rids:
-            self._meta.pop(rid, None)
-            await self._compute.run(engine.end, rid)
+        try:
+            rids = await self._compute.run(engine.request_ids)
+            if self.controller is not None:
+                return  # a head took over at once: its requests are not orphans
+            for rid in rids:
+                self._meta.pop(rid, None)
+                await self._compute.run(engine.end, rid)
+        except trio.ClosedResourceError:
+            return  # the peer is stopping: everything goes anyway
         if rids:
             log.info("freed %d requests of %s, which disconnected", len(rids), conn)
 

@@ -100,9 +100,12 @@ def measure(
 
 def _measure(dtype: str, hidden: int, matvec_mib: int, matmul_n: int) -> DeviceRates:
     dt = DTYPES[dtype]
-    per = 4 * hidden * hidden * dt.size
+    # Matrices as a layer's ([4 * hidden, hidden]), but never more than
+    # ``matvec_mib`` in all: a wide model must not make the peer allocate its width.
+    rows = max(1, min(4 * hidden, matvec_mib * 2**20 // (hidden * dt.size)))
+    per = rows * hidden * dt.size
     ws = [
-        mx.random.normal((4 * hidden, hidden)).astype(dt)
+        mx.random.normal((rows, hidden)).astype(dt)
         for _ in range(max(1, matvec_mib * 2**20 // per))
     ]
     columns = mx.default_device() == mx.cpu and not skinny_products_tuned()

@@ -178,7 +178,10 @@ def _read_tensors(model: ModelDir, names: list[str]) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for file, file_names in by_file.items():
         # mx.load maps the file lazily: tensors not taken here are never read.
-        arrays: dict[str, mx.array] = mx.load(str(file))  # type: ignore[assignment]
+        try:
+            arrays: dict[str, mx.array] = mx.load(str(file))  # type: ignore[assignment]
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise InvalidModel(f"cannot read the weights in {file.name}: {exc}") from None
         weights.update({n: arrays[n] for n in file_names})
     return weights
 

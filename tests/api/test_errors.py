@@ -300,3 +300,55 @@ def test_two_thousand_idle_connections_leave_the_head_serving(cluster):
         for s in idle:
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _copy(model: Path, root: Path) -> Path:
+    import shutil
+
+    copy = root / "copy"
+    shutil.copytree(model, copy)
+    return copy
+
+
+def _weights(model: Path) -> Path:
+    return sorted(model.glob("model*.safetensors"))[0]
+
+
+def test_broken_models_are_4xx_naming_the_problem_and_the_loaded_one_keeps_serving(
+    cluster, tmp_path
+):
+    import json
+
+    def refused(model: Path) -> str:
+        response = cluster.post("/v1/load_model", {"model": str(model)})
+        message = assert_openai_error(response, 400)["message"]
+        assert chat(cluster, max_tokens=2).status_code == 200  # the old model still answers
+        return message
+
+    corrupt = _copy(Path(cluster.model), tmp_path / "corrupt")
+    data = bytearray(_weights(corrupt).read_bytes())
+    data[8:24] = b"\xff" * 16  # inside the JSON header
+    _weights(corrupt).write_bytes(bytes(data))
+    assert "not a valid safetensors file" in refused(corrupt)
+
+    truncated = _copy(Path(cluster.model), tmp_path / "truncated")
+    with _weights(truncated).open("r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    message = refused(truncated)
+    assert "truncated" in message and _weights(truncated).name in message
+
+    wide = _copy(Path(cluster.model), tmp_path / "wide")
+    config = json.loads((wide / "config.json").read_text())
+    config["hidden_size"] = 65536
+    (wide / "config.json").write_text(json.dumps(config))
+    assert "hidden_size" in refused(wide)
+
+    # A config.json that is some other file: its content is never echoed.
+    other = _copy(Path(cluster.model), tmp_path / "other")
+    (other / "config.json").unlink()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password=hunter2\n")
+    (other / "config.json").symlink_to(secret)
+    message = refused(other)
+    assert "not valid JSON" in message and "hunter2" not in message and "char" not in message
+    assert cluster.get("/health").json()["state"] == "loaded"
