@@ -3,7 +3,7 @@
 
     dnet-peer --port 9001 --state-dir /tmp/a &      # prints its ws:// address
     dnet-peer --port 9002 --state-dir /tmp/b --cluster-key-file /tmp/a/cluster.key &
-    scripts/ring_generate.py --peer ws://127.0.0.1:9001/dnet/1 --peer ws://127.0.0.1:9002/dnet/1 \\
+    scripts/ring_generate.py --peer ws://127.0.0.1:9001/dnet/2 --peer ws://127.0.0.1:9002/dnet/2 \\
         --cluster-key-file /tmp/a/cluster.key --model PATH --prompt "Hello"
 
 The head's identity lives in --state-dir (default: the same as dnet-peer's).

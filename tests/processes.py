@@ -102,7 +102,7 @@ async def open_peers(
                 max_memory=max_memory,
             )
             port = await nursery.start(daemon.run, "127.0.0.1", 0)
-            peers.append((f"ws://127.0.0.1:{port}/dnet/1", daemon))
+            peers.append((f"ws://127.0.0.1:{port}/dnet/2", daemon))
         try:
             yield peers
         finally:

@@ -55,7 +55,7 @@ class DevicesTable(DataTable):
             self.add_row(
                 d["name"],
                 d["peer_id"][:12],
-                d["address"].removeprefix("ws://").removesuffix("/dnet/1"),
+                d["address"].removeprefix("ws://").removesuffix("/dnet/2"),
                 memory,
                 _rate(profile.get("flops_s"), "GFLOP/s", 1e9),
                 _rate(profile.get("bandwidth_bytes_s"), "GB/s", 1e9),

@@ -3,5 +3,5 @@
 Imports neither trio nor mlx: bytes in, events out, and back.
 """
 
-PROTOCOL_ID = "dnet/1"
-WS_PATH = "/dnet/1"
+PROTOCOL_ID = "dnet/2"
+WS_PATH = "/dnet/2"

@@ -10,6 +10,10 @@ id is a hash of the public key, so it cannot be claimed without the key.
                                        ◄───── HelloReply(peer_id, public_key, nonce, mac, sig)
     HelloFinish(mac, sig)              ─────►
 
+Then every frame is sealed under keys for each direction that both derive from the
+cluster key and the transcript (``frame_keys``; the AEAD is in
+``dnet.transport.sealed``).
+
 The signing itself is injected (``Signer`` and ``Verify``) so this module stays free
 of crypto libraries and I/O.
 """
@@ -83,6 +87,22 @@ def _mac(key: bytes, label: bytes, transcript: bytes) -> bytes:
     return hmac.new(key, label + transcript, hashlib.sha256).digest()
 
 
+def _hkdf(key: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA256 (RFC 5869), one block: ``length`` <= 32."""
+    prk = hmac.new(salt, key, hashlib.sha256).digest()
+    return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()[:length]
+
+
+def session_keys(cluster_key: bytes, transcript: bytes) -> tuple[bytes, bytes]:
+    """(client-to-server, server-to-client) keys for the frames after the
+    handshake: fresh per connection (the transcript holds both nonces), known only
+    to holders of the cluster key."""
+    return (
+        _hkdf(cluster_key, transcript, b"dnet frames client to server"),
+        _hkdf(cluster_key, transcript, b"dnet frames server to client"),
+    )
+
+
 class _Side:
     def __init__(self, identity: Signer, cluster_key: bytes, verify: Verify, name: str) -> None:
         if len(cluster_key) < 16:
@@ -96,6 +116,16 @@ class _Side:
         self.remote_peer_id: str | None = None
         self.remote_name = ""
         self.done = False
+        self._agreed: bytes | None = None  # the transcript, once both proved it
+
+    def frame_keys(self) -> tuple[bytes, bytes]:
+        """(sending, receiving) keys for the frames after a finished handshake."""
+        if self._agreed is None:
+            raise HandshakeFailed("the handshake is not finished")
+        to_server, to_client = session_keys(self._key, self._agreed)
+        return (
+            (to_server, to_client) if isinstance(self, ClientHandshake) else (to_client, to_server)
+        )
 
     def _check_identity(self, peer_id: str, public_key: bytes) -> None:
         if peer_id_for(public_key) != peer_id:
@@ -173,6 +203,7 @@ class ClientHandshake(_Side):
         )
         self._check_proofs(b"server", transcript, server_pub, reply.mac, reply.signature)
         self.remote_peer_id, self.remote_name, self.done = reply.peer_id, reply.name, True
+        self._agreed = transcript
         return encode(
             HelloFinish(
                 _mac(self._key, b"client", transcript).hex(),
@@ -243,4 +274,5 @@ class ServerHandshake(_Side):
             self._client.name,
             True,
         )
+        self._agreed = self._transcript
         return None

@@ -1,4 +1,5 @@
-"""Authenticated connections: a link, a finished handshake, then framed messages.
+"""Authenticated connections: a link, a finished handshake, then framed messages,
+each sealed (``dnet.transport.sealed``).
 
 ``open_connection`` dials a ``ws://`` address; ``serve_connections`` accepts them.
 Either way the handshake completes before any other message is read, and a failed
@@ -27,6 +28,7 @@ from dnet.protocol.handshake import (
 from dnet.protocol.messages import Error, Message
 from dnet.transport.links import HANDSHAKE_MAX_BYTES, MAX_MESSAGE_BYTES, Link, LinkClosed
 from dnet.transport.refusals import RateLimitedLog
+from dnet.transport.sealed import SealedLink
 from dnet.transport.websocket import WsLink, connect_websocket, serve_websocket
 
 log = logging.getLogger(__name__)
@@ -115,7 +117,9 @@ async def client_handshake(
         await link.send(hs.hello())
         await link.send(hs.receive(await link.receive()))
     assert hs.remote_peer_id is not None
-    return Connection(link, hs.remote_peer_id, hs.remote_name, address)
+    return Connection(
+        SealedLink(link, *hs.frame_keys()), hs.remote_peer_id, hs.remote_name, address
+    )
 
 
 async def server_handshake(
@@ -131,12 +135,12 @@ async def server_handshake(
         await link.send(reply)
         hs.receive(await link.receive())
     assert hs.remote_peer_id is not None
-    return Connection(link, hs.remote_peer_id, hs.remote_name)
+    return Connection(SealedLink(link, *hs.frame_keys()), hs.remote_peer_id, hs.remote_name)
 
 
 def check_address(address: str) -> str:
     """Raises:
-    PeerUnavailable: not a ``ws://host:port/dnet/1`` URL.
+    PeerUnavailable: not a ``ws://host:port/dnet/2`` URL.
     """
     parts = urlsplit(address)
     if parts.scheme != "ws" or not parts.hostname or parts.port is None:

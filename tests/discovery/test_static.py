@@ -22,10 +22,10 @@ from ..processes import CLUSTER_KEY, open_peers
 @pytest.mark.parametrize(
     ("text", "url"),
     [
-        ("127.0.0.1:9001", "ws://127.0.0.1:9001/dnet/1"),
-        ("pi.local:80", "ws://pi.local:80/dnet/1"),
-        ("[::1]:9002", "ws://[::1]:9002/dnet/1"),
-        ("ws://10.0.0.5:7000/dnet/1", "ws://10.0.0.5:7000/dnet/1"),
+        ("127.0.0.1:9001", "ws://127.0.0.1:9001/dnet/2"),
+        ("pi.local:80", "ws://pi.local:80/dnet/2"),
+        ("[::1]:9002", "ws://[::1]:9002/dnet/2"),
+        ("ws://10.0.0.5:7000/dnet/2", "ws://10.0.0.5:7000/dnet/2"),
     ],
 )
 def test_addresses(text, url):
@@ -43,7 +43,7 @@ def test_bad_addresses(text):
 def test_peers_file(tmp_path):
     f = tmp_path / "peers"
     f.write_text("# my cluster\n127.0.0.1:9001\n\n  10.0.0.2:9002  # the laptop\n")
-    assert read_peers_file(f) == ["ws://127.0.0.1:9001/dnet/1", "ws://10.0.0.2:9002/dnet/1"]
+    assert read_peers_file(f) == ["ws://127.0.0.1:9001/dnet/2", "ws://10.0.0.2:9002/dnet/2"]
     f.write_text("127.0.0.1:9001\nbroken\n")
     with pytest.raises(BadPeerAddress, match=":2:"):
         read_peers_file(f)
@@ -60,7 +60,7 @@ async def test_static_peers_join_through_the_discovery_seam():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(follow_discovery, cluster, receive)
             await announce_static(
-                [a.removeprefix("ws://").removesuffix("/dnet/1") for a, _ in peers], send
+                [a.removeprefix("ws://").removesuffix("/dnet/2") for a, _ in peers], send
             )
             with trio.fail_after(5):
                 await cluster.wait_peers(2)
@@ -87,7 +87,7 @@ async def test_health_checks_drop_a_silent_peer():
             verify_signature,
         )
         async with open_cluster(
-            [f"ws://127.0.0.1:{port}/dnet/1"], Identity.generate(), CLUSTER_KEY
+            [f"ws://127.0.0.1:{port}/dnet/2"], Identity.generate(), CLUSTER_KEY
         ) as cluster:
             assert len(cluster.peers) == 1
             # Real time, not a virtual clock: the link is a real socket.

@@ -53,7 +53,7 @@ async def test_two_live_peers_with_one_identity_are_reported():
         nursery.start_soon(follow_discovery, cluster, receive)
         for port in ports:
             await send.send(
-                PeerFound(f"ws://127.0.0.1:{port}/dnet/1", clone.peer_id, "clone", "memory")
+                PeerFound(f"ws://127.0.0.1:{port}/dnet/2", clone.peer_id, "clone", "memory")
             )
         with trio.fail_after(5):
             while not cluster.duplicates:
@@ -105,7 +105,7 @@ async def test_a_peer_that_hangs_does_not_delay_the_others():
         send, receive = trio.open_memory_channel(10)
         nursery.start_soon(follow_discovery, cluster, receive)
         ((address, daemon),) = peers
-        await send.send(PeerFound(f"ws://127.0.0.1:{port}/dnet/1", None, "tarpit", "memory"))
+        await send.send(PeerFound(f"ws://127.0.0.1:{port}/dnet/2", None, "tarpit", "memory"))
         await send.send(PeerFound(address, daemon.peer_id, "p0", "memory"))
         with trio.fail_after(3):  # dialling the tarpit alone takes 10 s to give up
             await cluster.wait_peers(1)

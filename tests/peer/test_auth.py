@@ -90,7 +90,7 @@ async def test_spoofed_peer_id_and_unauthenticated_frames_are_refused():
         attacker = Identity.generate()
         async with raw_websocket(address) as ws:
             await ws.send_message(
-                encode(Hello("dnet/1", victim.peer_id, attacker.public_key.hex(), "11" * 32))
+                encode(Hello("dnet/2", victim.peer_id, attacker.public_key.hex(), "11" * 32))
             )
             await ws.send_message(encode(StatusRequest()))
             got = await read_until_closed(ws)

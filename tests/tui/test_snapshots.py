@@ -18,7 +18,7 @@ def _device(i: int, name: str, layers, used_gib: float, total_gib: float, rtt: f
     return {
         "peer_id": IDS[i],
         "name": name,
-        "address": f"ws://192.0.2.{10 + i}:9001/dnet/1",
+        "address": f"ws://192.0.2.{10 + i}:9001/dnet/2",
         "healthy": True,
         "error": None,
         "status": {
@@ -38,7 +38,7 @@ def _assignment(i: int, name: str, start: int, end: int, stage: float):
     return {
         "peer_id": IDS[i],
         "name": name,
-        "address": f"ws://192.0.2.{10 + i}:9001/dnet/1",
+        "address": f"ws://192.0.2.{10 + i}:9001/dnet/2",
         "start": start,
         "end": end,
         "next_peer_id": None,
