@@ -230,7 +230,7 @@ async def serve_head(
     from dnet.api.app import create_app
     from dnet.api.logs import LogBuffer
     from dnet.api.server import GRACEFUL_TIMEOUT_S
-    from dnet.head.coordinator import open_coordinator
+    from dnet.head.service import open_coordinator
     from dnet.identity import Identity
 
     assert isinstance(identity, Identity) and isinstance(stop, trio.Event)
@@ -302,7 +302,8 @@ async def _run_head(settings: ConsoleSettings, identity: object, key: bytes, pee
 async def _load_at_start(coordinator: object, settings: ConsoleSettings, static: int) -> None:
     import trio
 
-    from dnet.head.coordinator import Coordinator, wait_for_peers
+    from dnet.head.coordinator import Coordinator
+    from dnet.head.service import wait_for_peers
 
     assert isinstance(coordinator, Coordinator) and settings.model is not None
     found = await wait_for_peers(coordinator, max(static, 1), settings.wait_peers_s)

@@ -148,6 +148,8 @@ class ModelPanel(Vertical):
         elif head.get("pending_model"):
             text.append(f"{state} ", style="grey62")
             text.append(str(head["pending_model"]).rsplit("/", 1)[-1] + " …", style="bold")
+            if head.get("replanning"):  # the head re-plans by itself: say why
+                text.append(f"\nre-planning: {head['replanning']}", style="bold yellow")
         else:
             text.append("no model loaded", style="italic grey62")
         self.query_one("#model-summary", Static).update(text)

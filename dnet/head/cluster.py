@@ -73,6 +73,11 @@ class Cluster:
         self._membership.set()
         self._membership = trio.Event()
 
+    @property
+    def membership(self) -> trio.Event:
+        """Set at the next change of ``peers`` (take it, then look, then wait)."""
+        return self._membership
+
     async def wait_peers(self, count: int) -> None:
         """Return once at least ``count`` peers are connected."""
         while len(self.peers) < count:

@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
 import trio
 
-from dnet.discovery import PeerFound, PeerLost
-from dnet.errors import DnetError, InvalidRequest, PeerUnavailable
-from dnet.head.cluster import Cluster, open_cluster
+from dnet.errors import DnetError, InvalidRequest, ModelNotLoaded, PeerUnavailable
+from dnet.head.cluster import Cluster
 from dnet.head.loaded_ring import LoadedRing
-from dnet.head.membership import follow_discovery, serve_health_checks
 from dnet.head.results import Device, LoadedModel, LoadResult, PeerLoad
 from dnet.head.serving import HeadStatistics, Serving
 from dnet.head.topology import Topology, load_topology, prepare_topology
-from dnet.identity import Identity
 from dnet.models.model_dir import ModelDir, open_model_dir
 from dnet.protocol.messages import Status
 from dnet.solver.profiles import HEAD
@@ -86,6 +80,11 @@ class Coordinator:
         self.pending_model: str | None = None  # being loaded
         self.load_progress: dict[str, tuple[int, int]] = {}
         self.serving = Serving(self, max_concurrent)
+        # The topology the user loaded; while its peers are missing, a fallback
+        # plan on the others runs instead (``dnet.head.recovery``).
+        self.intended: Topology | None = None
+        self.on_fallback = False
+        self.replanning: str | None = None  # why, while a re-plan runs
         self._operation = trio.Lock()
         self.changed = trio.Event()  # set (and replaced) whenever the state moves
 
@@ -185,7 +184,9 @@ class Coordinator:
         for a in topology.assignments:
             self.cluster.peer(a.peer_id)  # PeerUnavailable if it left since prepare
         async with self._operation:
-            return await self._load(model or topology.name or topology.model, info, topology)
+            result = await self._load(model or topology.name or topology.model, info, topology)
+            self.intended, self.on_fallback = topology, False
+            return result
 
     async def _load(self, model_id: str, info: ModelDir, topology: Topology) -> LoadResult:
         self.model, self.ring, self.pending_model = None, None, model_id
@@ -217,8 +218,49 @@ class Coordinator:
             topology=topology,
         )
 
+    async def replan(self, why: str, topology: Topology, *, fallback: bool) -> LoadResult:
+        """Load ``topology`` in place of the running one, keeping the model's name;
+        ``fallback``: a stand-in while the intended topology's peers are missing.
+
+        Raises:
+            as ``load``
+        """
+        model = self.model
+        if model is None:
+            raise ModelNotLoaded("nothing to re-plan: no model is loaded")
+        log.warning("re-planning %s: %s", model.id, why)
+        async with self._operation:
+            self.set_replan(why)
+            try:
+                info = await trio.to_thread.run_sync(open_model_dir, model.path)
+                result = await self._load(model.id, info, topology)
+            finally:
+                self.set_replan(None)
+            self.on_fallback = fallback
+            if not fallback:
+                self.intended = topology
+            peers = ", ".join(f"{p.name} {p.layers[0]}-{p.layers[1]}" for p in result.peers)
+            log.warning("re-planned %s in %.1f s: %s", model.id, result.load_seconds, peers)
+            return result
+
+    def set_replan(self, why: str | None) -> None:
+        self.replanning = why
+        self.touch()
+
+    def model_name(self) -> str:
+        return self.model.id if self.model else "the model"
+
+    def model_path(self) -> str:
+        """Raises:
+        ModelNotLoaded
+        """
+        if self.model is None:
+            raise ModelNotLoaded("no model is loaded")
+        return self.model.path
+
     async def unload(self) -> None:
         async with self._operation:
+            self.intended, self.on_fallback = None, False
             ring, self.ring, self.model = self.ring, None, None
             self._move(Move.UNLOAD)
             try:
@@ -241,52 +283,3 @@ class Coordinator:
 
     def statistics(self) -> HeadStatistics:
         return self.serving.statistics()
-
-
-@asynccontextmanager
-async def open_coordinator(
-    identity: Identity,
-    cluster_key: bytes,
-    *,
-    static_peers: Sequence[str] = (),
-    mdns_interfaces: Sequence[str] = (),
-    max_concurrent: int = 64,
-    context: int = 4096,
-    compute_dtype: str | None = None,
-    decode_lanes: int | None = None,
-    health_interval_s: float = 5.0,
-    redial_interval_s: float = 10.0,
-) -> AsyncIterator[Coordinator]:
-    """A coordinator whose cluster follows discovery: the static addresses (dialled
-    again every ``redial_interval_s`` while down) and, when ``mdns_interfaces`` are
-    given, peers advertised over mDNS on them."""
-    from dnet.discovery.static import announce_static, redial_static
-
-    async with (
-        open_cluster([], identity, cluster_key, decode_lanes=decode_lanes) as cluster,
-        trio.open_nursery() as nursery,
-    ):
-        coordinator = Coordinator(
-            cluster, max_concurrent=max_concurrent, context=context, compute_dtype=compute_dtype
-        )
-        send, receive = trio.open_memory_channel[PeerFound | PeerLost](math.inf)
-        nursery.start_soon(follow_discovery, cluster, receive)
-        if mdns_interfaces:
-            from dnet.discovery.mdns import browse
-
-            await nursery.start(browse, list(mdns_interfaces), send.clone())
-        await announce_static(static_peers, send)
-        if static_peers:
-            nursery.start_soon(redial_static, list(static_peers), send, redial_interval_s)
-        nursery.start_soon(serve_health_checks, cluster, health_interval_s)
-        try:
-            yield coordinator
-        finally:
-            nursery.cancel_scope.cancel()
-
-
-async def wait_for_peers(coordinator: Coordinator, count: int, timeout_s: float) -> int:
-    """Wait until ``count`` peers are connected, or ``timeout_s``; the number connected."""
-    with trio.move_on_after(timeout_s):
-        await coordinator.cluster.wait_peers(count)
-    return len(coordinator.cluster.peers)

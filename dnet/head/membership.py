@@ -14,14 +14,17 @@ from dnet.head.peers import PeerClient
 
 log = logging.getLogger(__name__)
 
+MAX_BACKOFF_S = 8.0
+
 
 async def follow_discovery(
     cluster: Cluster, events: trio.MemoryReceiveChannel[PeerFound | PeerLost]
 ) -> None:
     """Run until ``events`` closes or the task is cancelled. Peers are dialled
     side by side, so one that hangs delays no other. An address that keeps failing
-    is logged as a warning once, then quietly until it works."""
-    failing: set[str] = set()
+    is logged as a warning once, then quietly until it works, and is dialled again
+    only after a backoff (1 s, doubling up to ``MAX_BACKOFF_S``)."""
+    failing: dict[str, tuple[float, float]] = {}  # address -> (next try, backoff)
     dialling: set[tuple[str, str | None]] = set()  # (address, claimed id)
 
     async def add(event: PeerFound) -> None:
@@ -30,9 +33,10 @@ async def follow_discovery(
         except DnetError as exc:
             level = logging.DEBUG if event.address in failing else logging.WARNING
             log.log(level, "could not add %s: %s", event.address, exc.message)
-            failing.add(event.address)
+            backoff = min(failing.get(event.address, (0.0, 0.5))[1] * 2, MAX_BACKOFF_S)
+            failing[event.address] = (trio.current_time() + backoff, backoff)
         else:
-            failing.discard(event.address)
+            failing.pop(event.address, None)
         finally:
             dialling.discard((event.address, event.peer_id))
 
@@ -47,6 +51,8 @@ async def follow_discovery(
                 p.address == event.address and p.alive for p in cluster.peers
             ):
                 continue
+            if trio.current_time() < failing.get(event.address, (0.0, 0.0))[0]:
+                continue  # failed lately: wait out its backoff (1 s, doubling)
             log.log(
                 logging.DEBUG if event.address in failing else logging.INFO,
                 "found %s (%s) at %s via %s",
@@ -60,7 +66,7 @@ async def follow_discovery(
 
 
 async def serve_health_checks(
-    cluster: Cluster, interval_s: float = 5.0, timeout_s: float = 5.0
+    cluster: Cluster, interval_s: float = 2.0, timeout_s: float = 3.0
 ) -> None:
     """Ping every peer each ``interval_s``, all at once; a peer that does not
     answer within ``timeout_s`` is disconnected (its sessions fail, it leaves
@@ -72,6 +78,7 @@ async def serve_health_checks(
             await peer.ping(timeout=timeout_s)
         except DnetError as exc:
             log.warning("peer %s failed its health check: %s", peer.label, exc.message)
+            peer.gone_why = f"is not responding (no answer to a ping in {timeout_s:.0f} s)"
             await peer.conn.aclose()
 
     while True:

@@ -53,6 +53,7 @@ class PeerClient:
         self.peer_id = conn.remote_peer_id
         self.name = conn.remote_name
         self.alive = True
+        self.gone_why: str | None = None  # set by whoever closes it on purpose
         self._lock = trio.Lock()
         self._seq = 0
         self.on_progress: Callable[[PeerClient, LoadProgress], None] | None = None
@@ -96,7 +97,7 @@ class PeerClient:
         finally:
             self.alive = False
             self._reply_send.close()
-            on_closed(self, why)
+            on_closed(self, self.gone_why or why)
 
     async def _round_trip(
         self, make: Callable[[], Message], payload: bytes, timeout: float

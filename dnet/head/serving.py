@@ -65,6 +65,7 @@ class HeadStatistics:
     load_progress: dict[str, tuple[int, int]]
     pending_model: str | None = None  # being prepared or loaded
     decode_lanes: tuple[int, ...] = ()  # running requests in each decode lane
+    replanning: str | None = None  # why the head is re-planning the model now
 
 
 def token_limit(context: int, prompt_tokens: int, max_tokens: int | None) -> int:
@@ -93,6 +94,11 @@ class Serving:
         self._recent: deque[float] = deque()
         self._last_ttft: float | None = None
 
+    @property
+    def active(self) -> int:
+        """Requests running now."""
+        return self._active
+
     def resolve(self, name: str | None) -> tuple[LoadedModel, LoadedRing]:
         """The loaded model and its ring, if ``name`` names it (its id, path or
         file name).
@@ -100,8 +106,14 @@ class Serving:
         Raises:
             ModelNotLoaded, ModelNotFound
         """
-        model, ring = self._coordinator.model, self._coordinator.ring
+        c = self._coordinator
+        model, ring = c.model, c.ring
         if model is None or ring is None:
+            if c.replanning is not None:
+                raise ModelNotLoaded(
+                    f"the head is re-planning {c.pending_model} ({c.replanning}): "
+                    "retry in a few seconds"
+                )
             raise ModelNotLoaded("no model is loaded: POST /v1/load_model first")
         if name is not None and name not in model.names():
             raise ModelNotFound(f"The model `{name}` does not exist; loaded is `{model.id}`")
@@ -181,4 +193,5 @@ class Serving:
             load_progress=dict(c.load_progress),
             pending_model=c.preparing or c.pending_model,
             decode_lanes=tuple(c.ring.lanes.sizes()) if c.ring else (),
+            replanning=c.replanning,
         )

@@ -30,7 +30,10 @@ if TYPE_CHECKING:
 # CPU prefill runs as fast in 128- to 512-token chunks, and a running batch waits
 # for at most one chunk per peer: smaller chunks stall it less.
 PREFILL_CHUNK = 256
-TOKEN_TIMEOUT_S = 60.0
+# Liveness is the health checks' job (a peer that stops answering pings is
+# dropped within seconds, and its requests fail); this only bounds a ring that
+# answers pings yet makes no token, so a long but healthy prefill is never cut.
+TOKEN_TIMEOUT_S = 600.0
 END_TIMEOUT_S = 2.0
 
 

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
-from openai import APIError, AuthenticationError, OpenAI, RateLimitError
+from openai import AuthenticationError, OpenAI, RateLimitError
 
 from ..models.gguf_files import write_gguf
 from .conftest import load_split, start_cluster, stop_cluster
@@ -188,20 +188,11 @@ def test_api_key_over_capacity_and_a_dead_peer(tiny_model, tmp_path):
             rest = list(lines)
         events = [line[6:] for line in rest if line.startswith("data: ")]
         assert '"error"' in events[-1] and "[DONE]" not in events
-        # The next request fails fast with 503, naming the dead peer.
-        error = assert_openai_error(chat(c, max_tokens=4), 503)
-        assert "ap1" in error["message"]
-        assert c.get("/health").json()["state"] == "degraded"
-        with pytest.raises(APIError):
-            right.chat.completions.create(
-                model=str(c.model), messages=[{"role": "user", "content": "x"}], stream=True
-            )
-
-        # Load again on the survivor; then it dies under a plain (unstreamed) request.
-        reloaded = c.post("/v1/load_model", {"model": str(c.model)})
-        assert reloaded.status_code == 200, reloaded.text
-        assert [p["name"] for p in reloaded.json()["peers"]] == ["ap0"]
-        assert chat(c, max_tokens=3).status_code == 200
+        assert "ap1" in events[-1]  # the error names the dead peer
+        # No reload by hand: the head re-plans on the survivor by itself.
+        c.wait(lambda: chat(c, max_tokens=3).status_code == 200, 30, "service resumes")
+        assert [a["name"] for a in c.get("/v1/topology").json()["assignments"]] == ["ap0"]
+        assert c.get("/health").json()["state"] == "loaded"
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(lambda: c.post("/v1/chat/completions", _long_request(c)))
             c.wait(lambda: c.peer_active() == [1], 10, "the request runs")

@@ -69,7 +69,7 @@ async def test_a_static_peer_that_starts_late_is_joined(autojump_clock):
     await probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    from dnet.head.coordinator import open_coordinator
+    from dnet.head.service import open_coordinator
 
     async with (
         open_compute_thread() as compute,

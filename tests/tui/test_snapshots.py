@@ -149,3 +149,18 @@ def test_logs_screen(snap_compare):
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=(150, 42), run_before=logs)
+
+
+def test_a_replan_shows_with_its_reason():
+    import asyncio
+
+    replanning = copy.deepcopy(LOADING)
+    replanning.status["head"]["replanning"] = "lost macbook-air (dnbravobbbbb)"
+    app = DnetConsole(FixedStatusSource(replanning, LOG_LINES))
+
+    async def shown() -> str:
+        async with app.run_test(size=(150, 42)) as pilot:
+            await _shown(pilot)
+            return str(app.query_one("#model-summary").render())
+
+    assert "re-planning: lost macbook-air" in asyncio.run(shown())
