@@ -94,3 +94,19 @@ def test_the_readme_lists_every_variable():
     section = readme.split("## Environment", 1)[1].split("\n## ", 1)[0]
     missing = [o.env for o in OPTIONS if o.env and f"`{o.env}" not in section]
     assert missing == []
+
+
+def test_a_secret_file_others_can_read_is_used_with_a_warning(tmp_path, caplog):
+    from dnet.identity import load_cluster_key, read_secret_file
+
+    key = tmp_path / "cluster.key"
+    key.write_text("ab" * 32)
+    key.chmod(0o644)
+    with caplog.at_level("WARNING", "dnet.identity"):
+        assert load_cluster_key(tmp_path, key)[0] == bytes.fromhex("ab" * 32)
+    assert "chmod 600" in caplog.text
+    caplog.clear()
+    key.chmod(0o600)
+    with caplog.at_level("WARNING", "dnet.identity"):
+        assert read_secret_file(key, "the cluster key file") == "ab" * 32
+    assert caplog.text == ""

@@ -21,7 +21,7 @@ from dnet.head.cluster import Cluster
 from dnet.head.loaded_ring import LoadedRing
 from dnet.head.results import Device, LoadedModel, LoadResult, PeerLoad
 from dnet.head.serving import HeadStatistics, Serving
-from dnet.head.topology import Topology, load_topology, prepare_topology
+from dnet.head.topology import Topology, load_topology, model_context, prepare_topology
 from dnet.models.model_dir import ModelDir, open_model_dir
 from dnet.protocol.messages import Status
 from dnet.solver.profiles import HEAD
@@ -142,21 +142,28 @@ class Coordinator:
         objective: str | None = None,
         compute_dtype: str | None = None,
     ) -> Topology:
-        """Profile peers and links, and solve the placement of ``model``.
+        """Profile peers and links, and solve the placement of ``model``. The head's
+        ``--context`` is cut to what the model was trained for; a ``context`` asked
+        for beyond it is refused.
 
         Raises:
-            NoFeasiblePlan, ModelNotFound, InvalidModel, PeerUnavailable
+            NoFeasiblePlan, ModelNotFound, InvalidModel, PeerUnavailable,
+            InvalidRequest
         """
         if not self.cluster.peers:
             raise PeerUnavailable("no peers are connected: start dnet-peer on some machines")
+        named = model if isinstance(model, str) else None
+        if not isinstance(model, ModelDir):
+            model = await trio.to_thread.run_sync(open_model_dir, model)
+        context = model_context(model, context, self.context)
         async with self._operation:
-            self.preparing = model if isinstance(model, str) else str(model.path)
+            self.preparing = str(model.path)
             self.touch()
             try:
                 topology = await prepare_topology(
                     self.cluster,
                     model,
-                    context=context if context is not None else self.context,
+                    context=context,
                     objective=objective if objective is not None else self.objective,
                     compute_dtype=compute_dtype
                     if compute_dtype is not None
@@ -165,6 +172,8 @@ class Coordinator:
             finally:
                 self.preparing = None
                 self.touch()
+            if named is not None:
+                topology = attrs.evolve(topology, name=named)
             self.topology = topology
             return topology
 

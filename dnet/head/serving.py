@@ -148,7 +148,7 @@ class Serving:
         """
         model, ring = self.resolve(name)
         tokenizer = ring.tokenizer
-        ids = await trio.to_thread.run_sync(prompt_ids, tokenizer, prompt)
+        ids = await trio.to_thread.run_sync(prompt_ids, tokenizer, prompt, model.context)
         max_tokens = token_limit(model.context, len(ids), options.max_tokens)
         echo = tokenizer.decode(ids) if options.echo else ""
         async with self._admitted():

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from dnet.errors import InvalidRequest
+from dnet.errors import ContextOverflow, InvalidRequest
 from dnet.head.stops import StopMatcher
 from dnet.models.tokenizer import Tokenizer
 from dnet.protocol.messages import Token
@@ -26,11 +26,21 @@ class Prompt:
     ids: tuple[int, ...] | None = None
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
+def prompt_ids(tokenizer: Tokenizer, prompt: Prompt, context: int | None = None) -> list[int]:
     """Raises:
     InvalidRequest: a token id outside the vocabulary, or messages the chat
         template refuses.
+    ContextOverflow: the text is too long for ``context`` tokens: found before
+        tokenizing it, which takes far more memory than the text.
     """
+    if context is not None:
+        texts = [prompt.text or "", *(m["content"] for m in prompt.messages)]
+        size = sum(len(t.encode()) for t in texts)
+        if size > context * tokenizer.max_token_bytes:
+            raise ContextOverflow(
+                f"the prompt's {size} bytes of text are more than this model's context of "
+                f"{context} tokens can hold"
+            )
     if prompt.ids is not None:
         vocab = len(tokenizer)
         bad = next((t for t in prompt.ids if not 0 <= t < vocab), None)

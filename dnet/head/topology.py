@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 import trio
 
+from dnet.errors import InvalidRequest
 from dnet.head.cluster import Cluster
 from dnet.head.loaded_ring import LoadedRing, PlanEntry
 from dnet.models.model_dir import ModelDir, open_model_dir
@@ -233,3 +234,21 @@ async def load_topology(
         on_progress=on_progress,
         compute_dtype=topology.compute_dtype,
     )
+
+
+def model_context(model: ModelDir, asked: int | None, default: int) -> int:
+    """The context to place for: ``asked``, else ``default`` cut to the positions
+    the model was trained for.
+
+    Raises:
+        InvalidRequest: ``asked`` is beyond them.
+    """
+    limit = model.config.get("max_position_embeddings")
+    if not isinstance(limit, int) or limit <= 0:
+        return asked if asked is not None else default
+    if asked is not None and asked > limit:
+        raise InvalidRequest(
+            f"context {asked} is beyond the {limit} positions {model.name} was trained for",
+            "context",
+        )
+    return asked if asked is not None else min(default, limit)

@@ -95,7 +95,7 @@ def resolve_model(ref: str | Path, hf_cache_dir: Path | None = None) -> Path:
     if path.is_file():
         if is_gguf(path):
             return path.absolute()  # not resolved: the HF cache links files to hashed blobs
-        raise ModelNotFound(f"{path} is a file but not a GGUF model")
+        raise _not_a_model(path)
     if path.is_dir():
         return _model_in(path)
     text = str(ref)
@@ -126,7 +126,16 @@ def resolve_model(ref: str | Path, hf_cache_dir: Path | None = None) -> Path:
             return _model_in(snapshot)
         except InvalidModel as exc:
             raise InvalidModel(f"{exc.message} (as {repo}/FILE.gguf)") from None
-    raise ModelNotFound(f"no model directory at {path}")
+    raise _not_a_model(path)
+
+
+def _not_a_model(path: Path) -> ModelNotFound:
+    # One answer whether the path is missing or holds something else: an API
+    # caller learns nothing about the head's files.
+    return ModelNotFound(
+        f"no model at {path}: a model is a directory with config.json and *.safetensors, "
+        "a .gguf file, a cached Hugging Face repo id, or smollm2-135m"
+    )
 
 
 def _model_in(path: Path) -> Path:
@@ -137,7 +146,7 @@ def _model_in(path: Path) -> Path:
     if len(ggufs) == 1:
         return ggufs[0].absolute()
     if not ggufs:
-        raise ModelNotFound(f"{path} has no config.json and no .gguf file; not a model")
+        raise _not_a_model(path)
     shown = ", ".join(p.name for p in ggufs[:6]) + (" ..." if len(ggufs) > 6 else "")
     raise InvalidModel(f"{path} holds {len(ggufs)} GGUF files ({shown}): name one of them")
 

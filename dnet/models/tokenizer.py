@@ -7,6 +7,7 @@ or built from a GGUF file's metadata.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -60,6 +61,15 @@ class Tokenizer:
         decoder = json.loads(backend.decoder.__getstate__()) if backend.decoder else {}
         kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
         self.byte_level = "ByteLevel" in kinds
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes of text one token can stand for (an upper bound): a text
+        longer than ``context * max_token_bytes`` cannot fit ``context`` tokens."""
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        if self.byte_level:  # one character per byte
+            return max(map(len, vocab), default=1)
+        return max((len(p.encode()) for p in vocab), default=1)
 
     def __len__(self) -> int:
         return int(self.backend.get_vocab_size(with_added_tokens=True))

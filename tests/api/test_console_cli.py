@@ -41,7 +41,7 @@ def test_model_given_at_start_is_loaded_and_sigterm_is_prompt(tiny_model, tmp_pa
             text=True,
             timeout=60,
         )
-        assert bad.returncode == 1 and "no model directory" in bad.stderr
+        assert bad.returncode == 1 and "no model at /no/such/model" in bad.stderr
         with httpx.Client() as keep_alive:
             assert keep_alive.get(c.url + "/health").status_code == 200
             started = time.monotonic()

@@ -259,7 +259,16 @@ def test_deep_json_and_big_bodies_are_refused_cheaply(cluster):
     big = {"model": str(cluster.model), "messages": [{"role": "user", "content": "x" * (14 << 20)}]}
     response = httpx.post(cluster.url + "/v1/chat/completions", json=big, timeout=60)
     assert_openai_error(response, 413)
-    assert _peak_rss(pid) - before < 200 << 20
+    grown = _peak_rss(pid) - before
+    print(f"a 14 MB body: 413, the head's peak RSS grew {grown / 2**20:.1f} MiB")
+    assert grown < 200 << 20
+    # Under the limit but far over the context: refused before it is tokenized.
+    big["messages"][0]["content"] = "The fox and the crow. " * 180_000  # 3.96 MB
+    response = httpx.post(cluster.url + "/v1/chat/completions", json=big, timeout=60)
+    assert assert_openai_error(response, 400)["code"] == "context_length_exceeded"
+    grown = _peak_rss(pid) - before
+    print(f"a 3.96 MB prompt: 400, the head's peak RSS grew {grown / 2**20:.1f} MiB in all")
+    assert grown < 50 << 20, f"a 4 MB body grew the head's peak RSS by {grown >> 20} MiB"
     assert chat(cluster, max_tokens=2).status_code == 200  # and it still serves
 
 
@@ -342,4 +351,17 @@ def test_broken_models_are_4xx_naming_the_problem_and_the_loaded_one_keeps_servi
     (other / "config.json").symlink_to(secret)
     message = refused(other)
     assert "not valid JSON" in message and "hunter2" not in message and "char" not in message
+    # A path that exists but is no model answers as one that does not exist.
+    answers = []
+    for path in (tmp_path / "no-such-dir", tmp_path, secret):
+        response = cluster.post("/v1/load_model", {"model": str(path)})
+        answers.append(assert_openai_error(response, 404)["message"].replace(str(path), "P"))
+    assert len(set(answers)) == 1, answers
     assert cluster.get("/health").json()["state"] == "loaded"
+
+
+def test_a_context_beyond_the_models_is_refused(cluster):
+    too_long = cluster.post(
+        "/v1/prepare_topology", {"model": str(cluster.model), "context": 1 << 20}
+    )
+    assert "trained for" in assert_openai_error(too_long, 400, "context")["message"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dnet.errors import InvalidRequest
+from dnet.errors import ContextOverflow, InvalidRequest
 from dnet.head.text import Prompt, SessionText, prompt_ids
 from dnet.models.tokenizer import load_tokenizer
 from dnet.protocol.messages import Token
@@ -105,3 +105,15 @@ def test_prompts_as_text_ids_and_chats(tokenizer):
     assert prompt_ids(tokenizer, Prompt(messages=chat)) == tokenizer.chat_prompt(list(chat))
     with pytest.raises(InvalidRequest, match="outside the vocabulary"):
         prompt_ids(tokenizer, Prompt(ids=(1, len(tokenizer))))
+
+
+def test_a_text_too_long_for_the_context_is_refused_before_tokenizing(tokenizer):
+    fits = "fox " * 100
+    assert prompt_ids(tokenizer, Prompt(text=fits), context=4096) == tokenizer.encode(fits)
+    # Longer than 4096 of the vocabulary's longest tokens: cannot fit, whatever it is.
+    huge = "x" * (4096 * tokenizer.max_token_bytes + 1)
+    with pytest.raises(ContextOverflow, match="context of 4096 tokens"):
+        prompt_ids(tokenizer, Prompt(messages=({"role": "user", "content": huge},)), context=4096)
+    assert max(len(tokenizer.token_bytes(i)) for i in range(len(tokenizer))) <= (
+        tokenizer.max_token_bytes
+    )
