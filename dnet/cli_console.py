@@ -186,6 +186,15 @@ def _mdns_interfaces(settings: ConsoleSettings) -> list[str]:
     )
 
 
+def _app_options(settings: ConsoleSettings) -> dict[str, Any]:
+    return {
+        "api_key": settings.api_key,
+        "cors_origin": settings.cors_origin,
+        "allowed_hosts": settings.allowed_hosts,
+        "max_body": settings.max_body,
+    }
+
+
 def _head_options(settings: ConsoleSettings) -> dict[str, Any]:
     return {
         "max_concurrent": settings.max_concurrent,
@@ -248,14 +257,7 @@ async def serve_head(
             ) as coordinator,
             trio.open_nursery() as nursery,
         ):
-            app = create_app(
-                coordinator,
-                api_key=settings.api_key,
-                logs=logs,
-                cors_origin=settings.cors_origin,
-                allowed_hosts=settings.allowed_hosts,
-                max_body=settings.max_body,
-            )
+            app = create_app(coordinator, logs=logs, **_app_options(settings))
             served = trio.Event()
             url = await nursery.start(_serve_until, app, settings, stop, served)
             log.info(

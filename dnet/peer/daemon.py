@@ -146,7 +146,12 @@ class PeerDaemon:
         self._queue = WorkQueue()
         self.prefill_slice_s = PREFILL_SLICE_S
         self._held: list[tuple[Activation, bytes]] = []  # prefill outputs behind a step
-        self._outbox = Outbox(self.peer_id, lambda: self._successor, lambda: self.controller)
+        self._outbox = Outbox(
+            self.peer_id,
+            lambda: self._successor,
+            lambda: self.controller,
+            lambda: self.loaded.next_peer_id if self.loaded else None,
+        )
         self._load_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
@@ -194,10 +199,7 @@ class PeerDaemon:
                     continue
                 try:
                     reply = await self._control(conn, message)
-                except ProtocolError as exc:
-                    await conn.fail(exc)
-                    return
-                except DnetError as exc:
+                except DnetError as exc:  # a bad request: say why, keep the connection
                     reply = Error(exc.code, exc.message, peer_id=self.peer_id)
                 if reply is None:
                     continue

@@ -47,10 +47,12 @@ class Outbox:
         peer_id: str,
         successor: Callable[[], Connection | None],
         controller: Callable[[], Connection | None],
+        successor_id: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._peer_id = peer_id
         self._successor = successor
         self._controller = controller
+        self._successor_id = successor_id
         self._send, self._receive = trio.open_memory_channel[Outgoing](math.inf)
 
     def to_next(self, message: Message, payload: bytes = b"") -> None:
@@ -65,8 +67,9 @@ class Outbox:
             conn = self._successor() if nxt else self._controller()
             rids = _request_ids(out.message) if nxt else ()
             if conn is None:
+                who = self._successor_id()
                 for rid in rids:
-                    self._report(rid, "the next peer is not connected")
+                    self._report(rid, f"the next peer {(who or '?')[:12]} is not connected")
                 continue
             try:
                 await conn.send(out.message, out.payload)

@@ -257,3 +257,21 @@ def test_a_huge_frame_before_the_handshake_costs_the_peer_nothing(tmp_path):
         assert trio.run(status_over_fresh_connection, peer.address).layers is None
     finally:
         peer.stop()
+
+
+async def test_a_bad_request_gets_an_error_and_the_connection_keeps_serving():
+    from dnet.protocol.messages import Error, ProfileRequest
+
+    async with open_peers(1) as peers:
+        address = peers[0][0]
+        async with open_connection(
+            address, Identity.generate(), CLUSTER_KEY, verify_signature
+        ) as conn:
+            await conn.send(ProfileRequest("float99", 1 << 40))
+            with trio.fail_after(RECV_TIMEOUT):
+                reply, _ = await conn.receive()
+            assert isinstance(reply, Error) and "cannot profile" in reply.message
+            await conn.send(StatusRequest())
+            with trio.fail_after(RECV_TIMEOUT):
+                status, _ = await conn.receive()
+            assert isinstance(status, Status)
