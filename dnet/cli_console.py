@@ -186,22 +186,13 @@ def _mdns_interfaces(settings: ConsoleSettings) -> list[str]:
     )
 
 
-def _app_options(settings: ConsoleSettings) -> dict[str, Any]:
-    return {
-        "api_key": settings.api_key,
-        "cors_origin": settings.cors_origin,
-        "allowed_hosts": settings.allowed_hosts,
-        "max_body": settings.max_body,
-    }
+APP_OPTIONS = ("api_key", "cors_origin", "allowed_hosts", "max_body")
+HEAD_OPTIONS = ("max_concurrent", "context", "compute_dtype", "decode_lanes")
 
 
-def _head_options(settings: ConsoleSettings) -> dict[str, Any]:
-    return {
-        "max_concurrent": settings.max_concurrent,
-        "context": settings.context,
-        "compute_dtype": settings.compute_dtype,
-        "decode_lanes": settings.decode_lanes,
-    }
+def _options(settings: ConsoleSettings, names: tuple[str, ...]) -> dict[str, Any]:
+    """The settings ``names`` as keyword arguments of the same names."""
+    return {name: getattr(settings, name) for name in names}
 
 
 async def _serve_until(
@@ -253,11 +244,11 @@ async def serve_head(
                 key,
                 static_peers=peers,
                 mdns_interfaces=interfaces,
-                **_head_options(settings),
+                **_options(settings, HEAD_OPTIONS),
             ) as coordinator,
             trio.open_nursery() as nursery,
         ):
-            app = create_app(coordinator, logs=logs, **_app_options(settings))
+            app = create_app(coordinator, logs=logs, **_options(settings, APP_OPTIONS))
             served = trio.Event()
             url = await nursery.start(_serve_until, app, settings, stop, served)
             log.info(
