@@ -134,15 +134,20 @@ async def status() -> Response:
 @cluster.get("/v1/status/stream")
 async def status_stream() -> Response:
     """The status as server-sent events: at once, on every change (state, load
-    progress, requests), and at least every ``STATUS_HEARTBEAT_S``. (The body runs
+    progress, requests; progress at most every ``STATUS_MIN_INTERVAL_S``, so a
+    brief state is not skipped), and at least every ``STATUS_HEARTBEAT_S``. (The body runs
     outside the request's context: it holds the coordinator itself.)"""
     coordinator = head().coordinator
 
     async def events() -> AsyncGenerator[bytes, None]:
+        shown = None
         while True:
             changed = coordinator.changed
-            yield sse(status_body(coordinator))
-            await trio.sleep(STATUS_MIN_INTERVAL_S)  # a burst of changes: one event
+            body = status_body(coordinator)
+            yield sse(body)
+            state, shown = shown, body["head"]["state"]
+            if state == shown:  # a burst of progress: one event; a new state at once
+                await trio.sleep(STATUS_MIN_INTERVAL_S)
             with trio.move_on_after(STATUS_HEARTBEAT_S):
                 await changed.wait()  # already set if something changed meanwhile
 
