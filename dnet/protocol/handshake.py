@@ -10,9 +10,10 @@ id is a hash of the public key, so it cannot be claimed without the key.
                                        ◄───── HelloReply(peer_id, public_key, nonce, mac, sig)
     HelloFinish(mac, sig)              ─────►
 
-Then every frame is sealed under keys for each direction that both derive from the
-cluster key and the transcript (``frame_keys``; the AEAD is in
-``dnet.transport.sealed``).
+Each side may add an ephemeral X25519 key (``kex``, injected like the signing);
+then every frame is sealed under keys for each direction that both derive from the
+cluster key, the exchange's secret and the transcript (``frame_keys``; the AEAD and
+X25519 are in ``dnet.transport.sealed``).
 
 The signing itself is injected (``Signer`` and ``Verify``) so this module stays free
 of crypto libraries and I/O.
@@ -70,7 +71,12 @@ def _unhex(value: str, size: int, what: str) -> bytes:
 
 
 def _transcript(
-    client_pub: bytes, client_nonce: bytes, server_pub: bytes, server_nonce: bytes
+    client_pub: bytes,
+    client_nonce: bytes,
+    server_pub: bytes,
+    server_nonce: bytes,
+    client_kex: bytes = b"",
+    server_kex: bytes = b"",
 ) -> bytes:
     return hashlib.sha256(
         b"dnet-handshake\x00"
@@ -80,6 +86,10 @@ def _transcript(
         + client_nonce
         + server_pub
         + server_nonce
+        + len(client_kex).to_bytes(1, "big")
+        + client_kex
+        + len(server_kex).to_bytes(1, "big")
+        + server_kex
     ).digest()
 
 
@@ -93,18 +103,36 @@ def _hkdf(key: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
     return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()[:length]
 
 
-def session_keys(cluster_key: bytes, transcript: bytes) -> tuple[bytes, bytes]:
+def session_keys(cluster_key: bytes, transcript: bytes, shared: bytes = b"") -> tuple[bytes, bytes]:
     """(client-to-server, server-to-client) keys for the frames after the
     handshake: fresh per connection (the transcript holds both nonces), known only
-    to holders of the cluster key."""
+    to holders of the cluster key, and, with an ephemeral key exchange's ``shared``
+    secret, not recoverable from a recording even by one who learns it later."""
+    secret = cluster_key + shared
     return (
-        _hkdf(cluster_key, transcript, b"dnet frames client to server"),
-        _hkdf(cluster_key, transcript, b"dnet frames server to client"),
+        _hkdf(secret, transcript, b"dnet frames client to server"),
+        _hkdf(secret, transcript, b"dnet frames server to client"),
     )
 
 
+class KeyExchange(Protocol):
+    """One ephemeral Diffie-Hellman key (X25519 in the transport)."""
+
+    @property
+    def public(self) -> bytes: ...
+
+    def exchange(self, peer_public: bytes) -> bytes: ...
+
+
 class _Side:
-    def __init__(self, identity: Signer, cluster_key: bytes, verify: Verify, name: str) -> None:
+    def __init__(
+        self,
+        identity: Signer,
+        cluster_key: bytes,
+        verify: Verify,
+        name: str,
+        new_kex: Callable[[], KeyExchange] | None = None,
+    ) -> None:
         if len(cluster_key) < 16:
             raise ValueError("the cluster key must be at least 16 bytes")
         self._identity = identity
@@ -117,12 +145,14 @@ class _Side:
         self.remote_name = ""
         self.done = False
         self._agreed: bytes | None = None  # the transcript, once both proved it
+        self._kex = new_kex() if new_kex is not None else None
+        self._shared = b""  # the key exchange's secret, when both sides made one
 
     def frame_keys(self) -> tuple[bytes, bytes]:
         """(sending, receiving) keys for the frames after a finished handshake."""
         if self._agreed is None:
             raise HandshakeFailed("the handshake is not finished")
-        to_server, to_client = session_keys(self._key, self._agreed)
+        to_server, to_client = session_keys(self._key, self._agreed, self._shared)
         return (
             (to_server, to_client) if isinstance(self, ClientHandshake) else (to_client, to_server)
         )
@@ -151,8 +181,9 @@ class ClientHandshake(_Side):
         *,
         expected_peer_id: str | None = None,
         name: str = "",
+        new_kex: Callable[[], KeyExchange] | None = None,
     ) -> None:
-        super().__init__(identity, cluster_key, verify, name)
+        super().__init__(identity, cluster_key, verify, name, new_kex)
         self._expected = expected_peer_id
         self._sent_hello = False
 
@@ -168,6 +199,7 @@ class ClientHandshake(_Side):
                 self._identity.public_key.hex(),
                 self._nonce.hex(),
                 self._name,
+                self._kex.public.hex() if self._kex else "",
             )
         )
 
@@ -195,13 +227,19 @@ class ClientHandshake(_Side):
             raise HandshakeFailed(
                 f"reached peer {reply.peer_id[:16]}…, expected {self._expected[:16]}…"
             )
+        mine = self._kex.public if self._kex else b""
+        theirs = _unhex(reply.kex, 32, "key exchange") if reply.kex and self._kex else b""
         transcript = _transcript(
             self._identity.public_key,
             self._nonce,
             server_pub,
             _unhex(reply.nonce, NONCE_BYTES, "nonce"),
+            mine,
+            theirs,
         )
         self._check_proofs(b"server", transcript, server_pub, reply.mac, reply.signature)
+        if self._kex is not None and theirs:
+            self._shared = self._kex.exchange(theirs)
         self.remote_peer_id, self.remote_name, self.done = reply.peer_id, reply.name, True
         self._agreed = transcript
         return encode(
@@ -216,9 +254,15 @@ class ServerHandshake(_Side):
     """The accepting side."""
 
     def __init__(
-        self, identity: Signer, cluster_key: bytes, verify: Verify, *, name: str = ""
+        self,
+        identity: Signer,
+        cluster_key: bytes,
+        verify: Verify,
+        *,
+        name: str = "",
+        new_kex: Callable[[], KeyExchange] | None = None,
     ) -> None:
-        super().__init__(identity, cluster_key, verify, name)
+        super().__init__(identity, cluster_key, verify, name, new_kex)
         self._transcript: bytes | None = None
         self._client_pub = b""
         self._client: Hello | None = None
@@ -244,12 +288,20 @@ class ServerHandshake(_Side):
             self._client_pub = _unhex(message.public_key, 32, "public key")
             self._check_identity(message.peer_id, self._client_pub)
             self._client = message
+            theirs = _unhex(message.kex, 32, "key exchange") if message.kex else b""
+            if not theirs:
+                self._kex = None  # a side without one: keys from the cluster key alone
+            mine = self._kex.public if self._kex else b""
             self._transcript = _transcript(
                 self._client_pub,
                 _unhex(message.nonce, NONCE_BYTES, "nonce"),
                 self._identity.public_key,
                 self._nonce,
+                theirs,
+                mine,
             )
+            if self._kex is not None:
+                self._shared = self._kex.exchange(theirs)
             return encode(
                 HelloReply(
                     PROTOCOL_ID,
@@ -259,6 +311,7 @@ class ServerHandshake(_Side):
                     _mac(self._key, b"server", self._transcript).hex(),
                     self._identity.sign(b"server" + self._transcript).hex(),
                     self._name,
+                    mine.hex(),
                 )
             )
         if isinstance(message, Error):

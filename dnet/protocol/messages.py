@@ -22,6 +22,7 @@ class Hello:
     public_key: str  # hex, raw Ed25519
     nonce: str  # hex
     name: str = ""
+    kex: str = ""  # hex, an ephemeral X25519 public key (forward secrecy)
 
 
 @attrs.frozen
@@ -35,6 +36,7 @@ class HelloReply:
     mac: str  # HMAC(cluster key, server label | transcript)
     signature: str  # Ed25519 over the transcript
     name: str = ""
+    kex: str = ""  # hex, the accepting side's ephemeral X25519 key
 
 
 @attrs.frozen

@@ -28,7 +28,7 @@ from dnet.protocol.handshake import (
 from dnet.protocol.messages import Error, Message
 from dnet.transport.links import HANDSHAKE_MAX_BYTES, MAX_MESSAGE_BYTES, Link, LinkClosed
 from dnet.transport.refusals import RateLimitedLog
-from dnet.transport.sealed import SealedLink
+from dnet.transport.sealed import SealedLink, X25519Exchange
 from dnet.transport.websocket import WsLink, connect_websocket, serve_websocket
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,12 @@ async def client_handshake(
     HandshakeFailed (the link is closed), LinkClosed
     """
     hs = ClientHandshake(
-        identity, cluster_key, verify, expected_peer_id=expected_peer_id, name=name
+        identity,
+        cluster_key,
+        verify,
+        expected_peer_id=expected_peer_id,
+        name=name,
+        new_kex=X25519Exchange,
     )
     async with _handshaking(link, address or "peer"):
         await link.send(hs.hello())
@@ -128,7 +133,7 @@ async def server_handshake(
     """Raises:
     HandshakeFailed (the link is closed), LinkClosed
     """
-    hs = ServerHandshake(identity, cluster_key, verify, name=name)
+    hs = ServerHandshake(identity, cluster_key, verify, name=name, new_kex=X25519Exchange)
     async with _handshaking(link, "peer"):
         reply = hs.receive(await link.receive())
         assert reply is not None

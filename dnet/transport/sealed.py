@@ -1,5 +1,6 @@
 """Sealed links: after the handshake every frame is encrypted and authenticated
-with AES-256-GCM under a key for its direction, its counter as the nonce. A frame
+with AES-256-GCM under a key for its direction (from the cluster key and an
+ephemeral X25519 exchange, ``X25519Exchange``), its counter as the nonce. A frame
 that was altered, injected, replayed, dropped or reordered does not open: the
 connection is closed and the frame never acted on."""
 
@@ -9,12 +10,33 @@ import struct
 
 import trio
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from dnet.protocol.codec import ProtocolError
+from dnet.protocol.handshake import HandshakeFailed
 from dnet.transport.links import Link
 
 _NONCE = struct.Struct("<4xQ")  # 12 bytes: four zero, then the frame counter
+
+
+class X25519Exchange:
+    """The ephemeral key each side adds to the handshake: the frames' keys then
+    need its secret too, which is gone when the connection is (forward secrecy)."""
+
+    def __init__(self) -> None:
+        self._key = X25519PrivateKey.generate()
+        self.public = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def exchange(self, peer_public: bytes) -> bytes:
+        """Raises:
+        HandshakeFailed: not a usable X25519 key.
+        """
+        try:
+            return self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        except ValueError as exc:
+            raise HandshakeFailed(f"bad key exchange: {exc}") from None
 
 
 class FrameNotAuthentic(ProtocolError):

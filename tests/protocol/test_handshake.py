@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -137,3 +138,48 @@ def test_protocol_mismatch():
     hello, _ = decode(c.hello())
     with pytest.raises(HandshakeFailed, match="protocol"):
         s.receive(encode(Hello("dnet/0", hello.peer_id, hello.public_key, hello.nonce)))
+
+
+def _kex_pair(client_kex=True, server_kex=True):
+    from dnet.transport.sealed import X25519Exchange
+
+    c = ClientHandshake(
+        Identity.generate(), KEY, verify_signature, new_kex=X25519Exchange if client_kex else None
+    )
+    s = ServerHandshake(
+        Identity.generate(), KEY, verify_signature, new_kex=X25519Exchange if server_kex else None
+    )
+    return c, s
+
+
+def test_an_ephemeral_key_exchange_goes_into_the_frame_keys():
+    from dnet.protocol.handshake import session_keys
+
+    c, s = _kex_pair()
+    run(c, s)
+    send, receive = c.frame_keys()
+    assert (receive, send) == s.frame_keys() and send != receive
+    # Not the keys the cluster key and the transcript alone would give: a recording
+    # cannot be opened later by one who learns the cluster key.
+    assert send not in session_keys(KEY, c._agreed)
+    # Another connection of the same two sides: other keys.
+    c2, s2 = _kex_pair()
+    run(c2, s2)
+    assert c2.frame_keys() != c.frame_keys()
+
+
+@pytest.mark.parametrize(("client_kex", "server_kex"), [(True, False), (False, True)])
+def test_a_side_without_a_key_exchange_still_agrees(client_kex, server_kex):
+    c, s = _kex_pair(client_kex, server_kex)
+    run(c, s)
+    assert c.frame_keys() == s.frame_keys()[::-1]
+
+
+def test_a_swapped_key_exchange_fails_the_handshake():
+    from dnet.transport.sealed import X25519Exchange
+
+    c, s = _kex_pair()
+    reply, _ = decode(s.receive(c.hello()))
+    forged = attrs.evolve(reply, kex=X25519Exchange().public.hex())
+    with pytest.raises(HandshakeFailed, match="wrong cluster key"):
+        c.receive(encode(forged))
