@@ -185,6 +185,7 @@ async def _run_peer(settings: object, identity: object, key: bytes) -> None:
                 request_idle_timeout_s=settings.request_idle_timeout_s,
                 state_dir=settings.state_dir,
                 max_memory=settings.max_memory,
+                weights_dir=settings.state_dir / "weights",
             )
             port = await nursery.start(daemon.run, settings.host, settings.port)
             host = f"[{settings.host}]" if ":" in settings.host else settings.host

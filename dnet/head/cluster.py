@@ -12,6 +12,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -27,7 +28,9 @@ from dnet.head.loaded_ring import (
     unload_slices,
 )
 from dnet.head.peers import PeerClient
+from dnet.head.spans import SpanServer
 from dnet.identity import Identity, verify_signature
+from dnet.models.manifest import Manifest, build_manifest, manifest_for
 from dnet.models.model_dir import ModelDir, open_model_dir
 from dnet.models.tokenizer import Tokenizer, load_tokenizer
 from dnet.protocol.messages import Error, Loaded, Status, StepTokens, Token
@@ -54,8 +57,11 @@ class Cluster:
         cluster_key: bytes,
         name: str,
         decode_lanes: int | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
         self._nursery = nursery
+        self._cache_dir = cache_dir  # manifests of models, hashed once
+        self._spans = SpanServer()
         self._identity = identity
         self._cluster_key = cluster_key
         self._name = name
@@ -118,6 +124,9 @@ class Cluster:
             name=self._name,
         ) as conn:
             client = PeerClient(conn, address)
+            client.on_fetch = lambda peer, message: self._nursery.start_soon(
+                self._spans.send, peer, message
+            )
             twin = next((p for p in self.peers if p.peer_id == client.peer_id and p.alive), None)
             if twin is not None:
                 if twin.address == address:
@@ -174,9 +183,17 @@ class Cluster:
             model = await trio.to_thread.run_sync(open_model_dir, model)
         check_plan(plan, model.num_layers)
         order = [self.peer(e.peer_id) for e in plan]
+        manifest = await trio.to_thread.run_sync(self._manifest, model)
         if self.ring is not None:
             await self.ring.unload()
-        loaded, tokenizer = await _load(model, plan, order, max_context, compute_dtype, on_progress)
+        self._spans.register(model, manifest)
+        try:
+            loaded, tokenizer = await _load(
+                model, manifest, plan, order, max_context, compute_dtype, on_progress
+            )
+        except BaseException:
+            self._spans.forget(manifest.model_id)
+            raise
         lanes = self.decode_lanes or machines([p.address for p in order])
         ring = LoadedRing(
             order, model, tokenizer, loaded, max_context=max_context, lanes=lanes, steps=self._steps
@@ -190,6 +207,7 @@ class Cluster:
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
+            self._spans.forget(manifest.model_id)
             if self.ring is ring:
                 self.ring = None
             if not self.closing:  # on the cluster's end the connections close anyway
@@ -199,6 +217,11 @@ class Cluster:
                     suppress(DnetError),
                 ):
                     await ring.unload()
+
+    def _manifest(self, model: ModelDir) -> Manifest:
+        if self._cache_dir is None:
+            return build_manifest(model)
+        return manifest_for(model, self._cache_dir)
 
     async def load(self, model: ModelDir | str, plan: Sequence[PlanEntry], **kw: Any) -> LoadedRing:
         """``open_ring``, held by the cluster until ``LoadedRing.unload`` (or the
@@ -219,6 +242,7 @@ class Cluster:
 
 async def _load(
     model: ModelDir,
+    manifest: Manifest,
     plan: Sequence[PlanEntry],
     order: Sequence[PeerClient],
     max_context: int | None,
@@ -230,6 +254,7 @@ async def _load(
     try:
         loaded = await load_slices(
             model,
+            manifest,
             plan,
             order,
             max_context=max_context,
@@ -258,6 +283,7 @@ async def open_cluster(
     expected_peer_ids: Sequence[str | None] | None = None,
     name: str = "head",
     decode_lanes: int | None = None,
+    cache_dir: Path | None = None,
 ) -> AsyncIterator[Cluster]:
     """Connect (and authenticate) to every address (more may join later through
     ``Cluster.connect``); closes all on exit.
@@ -267,7 +293,7 @@ async def open_cluster(
     """
     expected = list(expected_peer_ids or [None] * len(addresses))
     async with trio.open_nursery() as nursery:
-        cluster = Cluster(nursery, identity, cluster_key, name, decode_lanes)
+        cluster = Cluster(nursery, identity, cluster_key, name, decode_lanes, cache_dir)
         try:
             for address, peer_id in zip(addresses, expected, strict=True):
                 await cluster.connect(address, peer_id)

@@ -24,6 +24,7 @@ from dnet.head.lanes import Lanes, StepPlan
 from dnet.head.peers import PeerClient
 from dnet.head.session import PREFILL_CHUNK, TOKEN_TIMEOUT_S, Failure, Session, ids_payload
 from dnet.head.text import GenerationEvent, SessionText
+from dnet.models.manifest import Manifest, slice_files
 from dnet.models.model_dir import ModelDir
 from dnet.models.tokenizer import Tokenizer
 from dnet.protocol.messages import (
@@ -73,6 +74,7 @@ def check_plan(plan: Sequence[PlanEntry], num_layers: int) -> None:
 
 async def load_slices(
     model: ModelDir,
+    manifest: Manifest,
     plan: Sequence[PlanEntry],
     order: Sequence[PeerClient],
     *,
@@ -80,7 +82,9 @@ async def load_slices(
     compute_dtype: str | None,
     on_progress: Progress | None = None,
 ) -> list[Loaded]:
-    """Send every peer its ``LoadSlice`` at once; the replies in ring order.
+    """Send every peer its ``LoadSlice`` at once (naming, by ``manifest``, the spans
+    of the model files its slice reads; peers fetch what they lack from this head);
+    the replies in ring order.
 
     Raises:
         PeerUnavailable, PeerError: the first failure (the others' slices stay
@@ -103,6 +107,8 @@ async def load_slices(
             next_peer_id=nxt.peer_id if nxt else None,
             max_context=max_context,
             compute_dtype=compute_dtype,
+            model_id=manifest.model_id,
+            files=slice_files(manifest, model, plan[i].start, plan[i].end),
         )
         try:
             results[i] = await order[i].call(message, Loaded)

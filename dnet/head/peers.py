@@ -19,6 +19,7 @@ from dnet.errors import PeerError, PeerUnavailable
 from dnet.protocol.codec import ProtocolError
 from dnet.protocol.messages import (
     Error,
+    FetchSpan,
     LoadProgress,
     Message,
     Ping,
@@ -57,6 +58,8 @@ class PeerClient:
         self._lock = trio.Lock()
         self._seq = 0
         self.on_progress: Callable[[PeerClient, LoadProgress], None] | None = None
+        # Weights the peer asks for while it loads (``dnet.head.spans``).
+        self.on_fetch: Callable[[PeerClient, FetchSpan], None] | None = None
         self._pong_arrived_ns = 0
         self._abandoned = 0  # replies still to come for callers that gave up
         self._reply_send, self._reply_receive = trio.open_memory_channel[Message](math.inf)
@@ -85,6 +88,9 @@ class PeerClient:
                 elif isinstance(message, LoadProgress):
                     if self.on_progress is not None:
                         self.on_progress(self, message)
+                elif isinstance(message, FetchSpan):
+                    if self.on_fetch is not None:
+                        self.on_fetch(self, message)
                 else:
                     if isinstance(message, Pong):
                         self._pong_arrived_ns = time.monotonic_ns()

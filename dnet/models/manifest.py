@@ -24,6 +24,7 @@ import cattrs
 
 from dnet.models.gguf import stored_nbytes
 from dnet.models.model_dir import ModelDir
+from dnet.protocol.messages import FileSpans, Span
 
 # Small files a head and a peer need besides the weights: config, tokenizer, template.
 SIDE_FILES = (
@@ -39,27 +40,9 @@ SIDE_FILES = (
 
 
 @attrs.frozen
-class Span:
-    """Bytes ``[begin, end)`` of a file and their SHA-256 (hex): a tensor's data
-    (``name``), or a file's header or whole small file (``name`` empty)."""
-
-    begin: int
-    end: int
-    sha256: str
-    name: str = ""
-
-
-@attrs.frozen
-class FileManifest:
-    name: str  # relative to the model's directory (a GGUF: its file name)
-    size: int
-    spans: tuple[Span, ...]  # the header (or the whole file) first, then tensors
-
-
-@attrs.frozen
 class Manifest:
     format: str  # safetensors | gguf
-    files: tuple[FileManifest, ...]
+    files: tuple[FileSpans, ...]
 
     @property
     def model_id(self) -> str:
@@ -70,7 +53,7 @@ class Manifest:
     def size(self) -> int:
         return sum(f.size for f in self.files)
 
-    def file(self, name: str) -> FileManifest:
+    def file(self, name: str) -> FileSpans:
         return next(f for f in self.files if f.name == name)
 
 
@@ -92,7 +75,7 @@ def _layout(model: ModelDir, path: Path) -> list[tuple[int, int, str]]:
     return [(0, tensors[0][0], ""), *tensors]
 
 
-def hash_spans(path: Path, layout: list[tuple[int, int, str]]) -> FileManifest:
+def hash_spans(path: Path, layout: list[tuple[int, int, str]]) -> FileSpans:
     """Raises:
     OSError
     """
@@ -106,7 +89,7 @@ def hash_spans(path: Path, layout: list[tuple[int, int, str]]) -> FileManifest:
                 left -= len(block)
             spans.append(Span(begin, end, digest.hexdigest(), name))
         size = f.seek(0, 2)
-    return FileManifest(path.name, size, tuple(spans))
+    return FileSpans(path.name, size, tuple(spans))
 
 
 def _model_files(model: ModelDir) -> list[Path]:
@@ -169,6 +152,14 @@ def slice_spans(manifest: Manifest, model: ModelDir, start: int, end: int) -> di
         f.name: [s for s in f.spans if not s.name or s.name.startswith(prefixes)]
         for f in manifest.files
     }
+
+
+def slice_files(manifest: Manifest, model: ModelDir, start: int, end: int) -> tuple[FileSpans, ...]:
+    """``slice_spans`` as the files a ``LoadSlice`` names."""
+    spans = slice_spans(manifest, model, start, end)
+    return tuple(
+        FileSpans(f.name, f.size, tuple(spans[f.name])) for f in manifest.files if spans[f.name]
+    )
 
 
 def bytes_of(spans: dict[str, list[Span]]) -> int:

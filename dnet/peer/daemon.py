@@ -11,9 +11,11 @@ successor link, and the idle-request reaper.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,11 @@ from dnet.errors import (
     UnknownRequest,
 )
 from dnet.identity import Identity, verify_signature
-from dnet.models.model_dir import open_model_dir
+from dnet.models.model_dir import ModelDir, open_model_dir
 from dnet.models.model_profile import check_budget
 from dnet.peer.measuring import PeerMeasurements
 from dnet.peer.outbox import Outbox
+from dnet.peer.weights import Fetch, FetchFailed, WeightStore
 from dnet.peer.work import WorkQueue
 from dnet.protocol.codec import ProtocolError
 from dnet.protocol.messages import (
@@ -41,6 +44,7 @@ from dnet.protocol.messages import (
     Cancel,
     EndRequest,
     Error,
+    FetchSpan,
     Follow,
     Loaded,
     LoadProgress,
@@ -50,6 +54,8 @@ from dnet.protocol.messages import (
     Pong,
     ProbeLink,
     ProfileRequest,
+    Span,
+    SpanData,
     StartRequest,
     Status,
     StatusRequest,
@@ -62,13 +68,15 @@ from dnet.protocol.messages import (
 from dnet.runtime.compute import ComputeThread
 from dnet.runtime.device_profile import release_memory
 from dnet.runtime.engine import Chunk, SliceEngine, StepResult
-from dnet.runtime.slice import LayerSlice, load_slice
+from dnet.runtime.slice import load_slice
 from dnet.sampling import SampledToken
 from dnet.tensor import HostTensor
 from dnet.transport.connection import Connection, open_connection, serve_connections
 from dnet.transport.links import LinkClosed
 
 log = logging.getLogger(__name__)
+
+FETCH_TIMEOUT_S = 60.0  # for each piece of a span from the head
 
 RATE_WINDOW_S = 10.0
 FOLLOW_TIMEOUT_S = 120.0  # the next peer may still be reading its weights
@@ -121,6 +129,7 @@ class PeerDaemon:
         request_idle_timeout_s: float = 600.0,
         state_dir: Path | None = None,
         max_memory: int | None = None,
+        weights_dir: Path | None = None,
     ) -> None:
         self.identity = identity
         self.peer_id = identity.peer_id
@@ -154,12 +163,26 @@ class PeerDaemon:
         )
         self._load_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
+        # Weights by content, fetched from the head that loads a slice; without a
+        # directory, a temporary one for the daemon's life.
+        self._weights_dir = weights_dir
+        self.weights = WeightStore(weights_dir or Path("."))
+        # Fetches under way: (model id, file, span begin) -> (connection, pieces).
+        self._span_waiters: dict[
+            tuple[str, str, int], tuple[Connection, trio.MemorySendChannel[Any]]
+        ] = {}
 
     # -- running -----------------------------------------------------------------
 
     async def run(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        with tempfile.TemporaryDirectory(prefix="dnet-weights-") as scratch:
+            if self._weights_dir is None:
+                self.weights.root = Path(scratch)
+            await self._run(host, port, task_status)
+
+    async def _run(self, host: str, port: int, task_status: trio.TaskStatus[int]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._worker)
@@ -197,6 +220,16 @@ class PeerDaemon:
                     except LinkClosed:
                         return
                     continue
+                if isinstance(message, SpanData):
+                    waiter = self._span_waiters.get((message.model_id, message.file, message.begin))
+                    if waiter is not None and waiter[0] is conn:  # backpressure: our disk
+                        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                            await waiter[1].send((message, payload))
+                    continue
+                if isinstance(message, LoadSlice) and self._nursery is not None:
+                    # Loading fetches weights over this connection: keep reading it.
+                    self._nursery.start_soon(self._answer, conn, message)
+                    continue
                 try:
                     reply = await self._control(conn, message)
                 except DnetError as exc:  # a bad request: say why, keep the connection
@@ -208,12 +241,55 @@ class PeerDaemon:
                 except LinkClosed:
                     return
         finally:
+            for waiting_conn, pieces in list(self._span_waiters.values()):
+                if waiting_conn is conn:
+                    pieces.close()  # the fetch hears at once that its head is gone
             if self.controller is conn:
                 self.controller = None
                 if self._nursery is not None:  # its requests have no one to answer to
                     self._nursery.start_soon(self._free_orphans, conn)
             if self._followers.get(conn.remote_peer_id) is conn:
                 del self._followers[conn.remote_peer_id]
+
+    async def _answer(self, conn: Connection, message: Message) -> None:
+        try:
+            reply = await self._control(conn, message)
+        except DnetError as exc:
+            reply = Error(exc.code, exc.message, peer_id=self.peer_id)
+        if reply is not None:
+            with suppress(LinkClosed):
+                await conn.send(reply)
+
+    def _fetcher(self, conn: Connection | None, model_id: str) -> Fetch:
+        """Spans of ``model_id`` from the head on ``conn``, piece by piece."""
+
+        async def fetch(name: str, span: Span) -> AsyncIterator[tuple[SpanData, bytes]]:
+            if conn is None or conn.closed:
+                raise PeerUnavailable("the head that loads this slice went away")
+            key = (model_id, name, span.begin)
+            send, receive = trio.open_memory_channel[Any](4)
+            self._span_waiters[key] = (conn, send)
+            try:
+                await conn.send(FetchSpan(model_id, name, span.begin, span.end))
+                while True:
+                    with trio.move_on_after(FETCH_TIMEOUT_S) as waited:
+                        try:
+                            piece, data = await receive.receive()
+                        except trio.EndOfChannel:
+                            raise PeerUnavailable(
+                                f"the head went away while sending {name}"
+                            ) from None
+                    if waited.cancelled_caught:
+                        raise FetchFailed(f"no part of {name} came in {FETCH_TIMEOUT_S:.0f}s")
+                    if piece.error:
+                        raise FetchFailed(f"the head cannot send {name}: {piece.error}")
+                    yield piece, data
+                    if piece.last:
+                        return
+            finally:
+                del self._span_waiters[key]
+
+        return fetch
 
     async def _free_orphans(self, conn: Connection) -> None:
         """Free every request: the head that started them is gone (killed, or its
@@ -280,7 +356,16 @@ class PeerDaemon:
                 if controller is not None:
                     token.run_sync_soon(self._to_controller, LoadProgress(msg.model, done, total))
 
-            layer_slice = await self._compute.run(self._load_slice, msg, progress)
+            fetched = self.weights.fetched_bytes
+            fetch = self._fetcher(controller, msg.model_id)
+            directory = await self.weights.ensure(msg.model_id, msg.files, fetch, headers_only=True)
+            model = await trio.to_thread.run_sync(open_model_dir, directory)
+            self._check_budget(model, msg)
+            await self.weights.ensure(msg.model_id, msg.files, fetch)
+            fetched = self.weights.fetched_bytes - fetched
+            layer_slice = await self._compute.run(
+                load_slice, model, msg.start, msg.end, progress, msg.compute_dtype
+            )
             if layer_slice.is_first != msg.is_first or layer_slice.is_last != msg.is_last:
                 raise LayerRangeError(
                     f"layers [{msg.start}, {msg.end}) of {layer_slice.model.num_layers}: "
@@ -297,16 +382,18 @@ class PeerDaemon:
                 await self._wait_for_follower(msg.next_peer_id or "")
             seconds = time.perf_counter() - started
             log.info("loaded %s layers [%d, %d) in %.2fs", msg.model, msg.start, msg.end, seconds)
-            return Loaded(msg.model, msg.start, msg.end, layer_slice.weight_bytes, seconds)
+            return Loaded(msg.model, msg.start, msg.end, layer_slice.weight_bytes, seconds, fetched)
 
-    def _load_slice(self, msg: LoadSlice, progress: Callable[[int, int], None]) -> LayerSlice:
-        """On the compute thread: refuse a slice over this peer's budget before
-        reading a byte of it, then load it."""
-        model = open_model_dir(msg.model)
+    def _check_budget(self, model: ModelDir, msg: LoadSlice) -> None:
+        """Refuse a slice over this peer's budget before fetching or reading a byte
+        of its tensors.
+
+        Raises:
+            OverMemoryBudget
+        """
         if self.max_memory:
             context = msg.max_context or int(model.config.get("max_position_embeddings") or 4096)
             check_budget(model, msg.start, msg.end, msg.compute_dtype, context, self.max_memory)
-        return load_slice(model, msg.start, msg.end, progress, msg.compute_dtype)
 
     async def _wait_for_follower(self, peer_id: str) -> None:
         with trio.move_on_after(FOLLOW_TIMEOUT_S):

@@ -16,14 +16,14 @@ import cattrs
 from cattrs.strategies import configure_tagged_union
 
 from dnet.errors import DnetError
-from dnet.protocol.messages import MESSAGE_TYPES, Activation, Message, Ping, Pong, Step
+from dnet.protocol.messages import MESSAGE_TYPES, Activation, Message, Ping, Pong, SpanData, Step
 from dnet.tensor import ITEMSIZE
 
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 1 << 30
 MAX_STEP_ROWS = 4096
-# Besides activations, only link probes carry (opaque) payload bytes.
-PAYLOAD_TYPES = (Ping, Pong)
+# Besides activations, only link probes and weights carry (opaque) payload bytes.
+PAYLOAD_TYPES = (Ping, Pong, SpanData)
 _LEN = struct.Struct("<I")
 
 

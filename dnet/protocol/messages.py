@@ -118,6 +118,26 @@ class LinkReport:
 
 
 @attrs.frozen
+class Span:
+    """Bytes ``[begin, end)`` of a model file and their SHA-256 (hex): a tensor's
+    data (``name``), or a file's header or a small file whole (``name`` empty)."""
+
+    begin: int
+    end: int
+    sha256: str
+    name: str = ""
+
+
+@attrs.frozen
+class FileSpans:
+    """A model file (by its name in the model), its size, and spans of it."""
+
+    name: str
+    size: int
+    spans: tuple[Span, ...]
+
+
+@attrs.frozen
 class LoadSlice:
     """Load layers ``[start, end)`` of ``model``.
 
@@ -139,6 +159,33 @@ class LoadSlice:
     dtype: str | None = None  # as stored, for checking; None: whatever the files hold
     compute_dtype: str | None = None  # widen floats at load (e.g. float32 on CPUs)
     max_context: int | None = None
+    # What to load, by content: the model's id and the spans of its files this
+    # slice reads. ``model`` only names it in logs: a peer never opens it.
+    model_id: str = ""
+    files: tuple[FileSpans, ...] = ()
+
+
+@attrs.frozen
+class FetchSpan:
+    """A peer asks the head that is loading it for one span of a model file."""
+
+    model_id: str
+    file: str
+    begin: int
+    end: int
+
+
+@attrs.frozen
+class SpanData:
+    """A piece of a span, its bytes in the payload, at ``offset`` into the span;
+    ``last`` on its final piece."""
+
+    model_id: str
+    file: str
+    begin: int
+    offset: int
+    last: bool
+    error: str = ""  # the head cannot send it (then ``last``)
 
 
 @attrs.frozen
@@ -162,6 +209,7 @@ class Loaded:
     end: int
     weight_bytes: int
     load_seconds: float
+    fetched_bytes: int = 0  # what this load had to fetch (0: all in the peer's store)
 
 
 @attrs.frozen
@@ -280,6 +328,8 @@ Message = (
     | ProbeLink
     | LinkReport
     | LoadSlice
+    | FetchSpan
+    | SpanData
     | Follow
     | LoadProgress
     | Loaded

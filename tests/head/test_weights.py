@@ -1,0 +1,148 @@
+"""Weights reach the peers from the head: each peer fetches exactly its slice's
+spans, checks them, keeps them, resumes, and never opens a path it is sent."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from dnet.head import spans as spans_module
+from dnet.head.cluster import open_cluster
+from dnet.head.loaded_ring import PlanEntry
+from dnet.identity import Identity, verify_signature
+from dnet.models.manifest import build_manifest, bytes_of, slice_spans
+from dnet.models.model_dir import open_model_dir
+from dnet.protocol.messages import (
+    Error,
+    FetchSpan,
+    FileSpans,
+    LoadSlice,
+    Span,
+    SpanData,
+    StatusRequest,
+)
+from dnet.transport.connection import open_connection
+
+from ..processes import CLUSTER_KEY, open_peers
+
+CUTS = [(0, 4), (4, 8)]
+
+
+def plan(cluster):
+    return [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(cluster.peers, CUTS, strict=True)]
+
+
+@pytest.fixture
+def model(tiny_model):
+    return open_model_dir(tiny_model(arch="qwen3", layers=8, hidden=128, tie_embeddings=False))
+
+
+async def test_each_peer_fetches_exactly_its_slice_once(model):
+    manifest = build_manifest(model)
+    expected = [bytes_of(slice_spans(manifest, model, s, e)) for s, e in CUTS]
+    async with (
+        open_peers(2) as peers,
+        open_cluster([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as cluster,
+    ):
+        ring = await cluster.load(model, plan(cluster))
+        fetched = [r.fetched_bytes for r in ring.loaded]
+        assert fetched == expected
+        assert all(f < 0.7 * manifest.size for f in fetched)  # neither gets the other half
+        before = [e.token_id for e in await _generate(ring)]
+        await ring.unload()
+        again = await cluster.load(model, plan(cluster))
+        assert [r.fetched_bytes for r in again.loaded] == [0, 0]  # all in the stores
+        assert [e.token_id for e in await _generate(again)] == before
+
+
+async def _generate(ring):
+    from contextlib import aclosing
+
+    async with aclosing(ring.generate([5, 9, 13, 200], max_tokens=8)) as events:
+        return [e async for e in events]
+
+
+async def test_a_flipped_byte_in_a_store_is_found_and_fetched_again(model):
+    manifest = build_manifest(model)
+    async with (
+        open_peers(2) as peers,
+        open_cluster([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as cluster,
+    ):
+        ring = await cluster.load(model, plan(cluster))
+        store = peers[1][1].weights.root / manifest.model_id
+        spans = slice_spans(manifest, model, *CUTS[1])
+        name = next(n for n, s in spans.items() if any(x.name for x in s))
+        victim = next(s for s in spans[name] if s.name.startswith("model.layers.6."))
+        with (store / name).open("r+b") as f:
+            f.seek(victim.begin + 3)
+            byte = f.read(1)
+            f.seek(victim.begin + 3)
+            f.write(bytes([byte[0] ^ 0x40]))
+        await ring.unload()
+        again = await cluster.load(model, plan(cluster))
+        assert [r.fetched_bytes for r in again.loaded] == [0, victim.end - victim.begin]
+
+
+async def test_an_interrupted_fetch_resumes_with_what_is_missing(model, monkeypatch):
+    manifest = build_manifest(model)
+    whole = bytes_of(slice_spans(manifest, model, 0, 8))
+    sent = []
+    real = spans_module.SpanServer.send
+
+    async def send_then_drop(self, peer, message):
+        if sum(sent) > whole // 3:  # a third through: the link drops
+            await peer.conn.aclose()
+            return
+        sent.append(message.end - message.begin)
+        await real(self, peer, message)
+
+    async with (
+        open_peers(1) as peers,
+        open_cluster([peers[0][0]], Identity.generate(), CLUSTER_KEY) as cluster,
+    ):
+        one = [PlanEntry(cluster.peers[0].peer_id, 0, 8)]
+        monkeypatch.setattr(spans_module.SpanServer, "send", send_then_drop)
+        with pytest.raises(Exception):  # noqa: B017 (PeerUnavailable or PeerError)
+            await cluster.load(model, one)
+        monkeypatch.setattr(spans_module.SpanServer, "send", real)
+        with trio.fail_after(10):
+            while cluster.peers:  # the dropped link leaves
+                await cluster.membership.wait()
+        await cluster.connect(peers[0][0])
+        ring = await cluster.load(model, [PlanEntry(cluster.peers[0].peer_id, 0, 8)])
+        got_before = sum(sent)
+        assert 0 < got_before < whole
+        # The second time, only what had not fully arrived (at most the span cut off).
+        assert ring.loaded[0].fetched_bytes <= whole - got_before + max(sent)
+        assert ring.loaded[0].fetched_bytes < whole
+
+
+async def test_a_peer_never_opens_a_path_it_is_sent(model):
+    async with open_peers(1) as peers:
+        address = peers[0][0]
+        async with open_connection(
+            address, Identity.generate(), CLUSTER_KEY, verify_signature
+        ) as head:
+            # A path to a real model, and no manifest: refused, nothing read.
+            await head.send(LoadSlice(str(model.path), 0, 8, True, True))
+            with trio.fail_after(10):
+                reply, _ = await head.receive()
+            assert isinstance(reply, Error) and "model id" in reply.message
+            # A manifest whose spans this "head" will not send: nothing loads.
+            files = (FileSpans("config.json", 100, (Span(0, 100, "00" * 32),)),)
+            await head.send(
+                LoadSlice(str(model.path), 0, 8, True, True, model_id="dm" + "ab" * 20, files=files)
+            )
+            with trio.fail_after(10):
+                while True:
+                    message, _ = await head.receive()
+                    if isinstance(message, FetchSpan):  # bytes that do not match the hash
+                        piece = SpanData(message.model_id, message.file, message.begin, 0, True)
+                        await head.send(piece, bytes(message.end - message.begin))
+                    elif isinstance(message, Error):
+                        break
+            assert "do not match their hash" in message.message
+            await head.send(StatusRequest())
+            with trio.fail_after(10):
+                status, _ = await head.receive()
+            assert status.layers is None
