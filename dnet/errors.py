@@ -122,6 +122,12 @@ class PeerUnavailable(DnetError):
     code = "peer_unavailable"
 
 
+class DuplicatePeer(DnetError):
+    """Two live peers prove the same peer id (a copied state directory)."""
+
+    code = "duplicate_peer"
+
+
 class PeerError(DnetError):
     """A peer answered with an error."""
 

@@ -75,6 +75,8 @@ import mlx.core as mx
 from bench_common import _loaded_ring, _on_peers, _pct, _time_stream, run_mlx_lm, timed_generate
 from bench_default import add_parser as add_default_parser
 from bench_default import bench_default
+from bench_transfer import add_parser as add_transfer_parser
+from bench_transfer import bench_transfer
 from mlx_lm import load
 
 from dnet.head.session import PREFILL_CHUNK
@@ -571,6 +573,7 @@ def main() -> int:
     st.add_argument("--layers", type=int, help="default: the shape's")
     st.add_argument("--out", help="also write the JSON report here")
     add_default_parser(sub)
+    add_transfer_parser(sub)
     args = p.parse_args()
     modes = {
         "runtime": bench_runtime,
@@ -578,6 +581,7 @@ def main() -> int:
         "throughput": bench_throughput,
         "stall": bench_stall,
         "default": bench_default,
+        "transfer": bench_transfer,
     }
     report = modes[args.mode](args)
     text = json.dumps(report, indent=2)

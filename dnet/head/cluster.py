@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from dnet.errors import DnetError, PeerUnavailable
+from dnet.errors import DnetError, DuplicatePeer, PeerUnavailable
 from dnet.head.loaded_ring import (
     LoadedRing,
     PlanEntry,
@@ -39,12 +39,6 @@ from dnet.transport.connection import open_connection
 log = logging.getLogger(__name__)
 
 UNLOAD_TIMEOUT_S = 30.0
-
-
-class DuplicatePeer(DnetError):
-    """Two live peers prove the same peer id."""
-
-    code = "duplicate_peer"
 
 
 class Cluster:

@@ -30,7 +30,7 @@ from typing import Protocol
 
 from dnet.protocol import PROTOCOL_ID
 from dnet.protocol.codec import ProtocolError, decode, encode
-from dnet.protocol.messages import Error, Hello, HelloFinish, HelloReply
+from dnet.protocol.messages import Error, Hello, HelloFinish, HelloReply, Message
 
 NONCE_BYTES = 32
 PEER_ID_PREFIX = "dn"
@@ -267,6 +267,46 @@ class ServerHandshake(_Side):
         self._client_pub = b""
         self._client: Hello | None = None
 
+    def _hello(self, message: Message) -> bytes:
+        """Check the client's ``Hello``; the ``HelloReply`` with this side's proofs.
+
+        Raises:
+            HandshakeFailed
+        """
+        if not isinstance(message, Hello):
+            raise HandshakeFailed(f"expected Hello, got {type(message).__name__}")
+        if message.protocol != PROTOCOL_ID:
+            raise HandshakeFailed(f"protocol {message.protocol!r}, expected {PROTOCOL_ID!r}")
+        self._client_pub = _unhex(message.public_key, 32, "public key")
+        self._check_identity(message.peer_id, self._client_pub)
+        self._client = message
+        theirs = _unhex(message.kex, 32, "key exchange") if message.kex else b""
+        if not theirs:
+            self._kex = None  # a side without one: keys from the cluster key alone
+        mine = self._kex.public if self._kex else b""
+        self._transcript = _transcript(
+            self._client_pub,
+            _unhex(message.nonce, NONCE_BYTES, "nonce"),
+            self._identity.public_key,
+            self._nonce,
+            theirs,
+            mine,
+        )
+        if self._kex is not None:
+            self._shared = self._kex.exchange(theirs)
+        return encode(
+            HelloReply(
+                PROTOCOL_ID,
+                self.peer_id,
+                self._identity.public_key.hex(),
+                self._nonce.hex(),
+                _mac(self._key, b"server", self._transcript).hex(),
+                self._identity.sign(b"server" + self._transcript).hex(),
+                self._name,
+                mine.hex(),
+            )
+        )
+
     def receive(self, frame: bytes) -> bytes | None:
         """Take the client's next frame. Returns the reply to send after ``Hello``;
         ``None`` once ``HelloFinish`` completes the handshake.
@@ -281,39 +321,7 @@ class ServerHandshake(_Side):
         except ProtocolError as exc:
             raise HandshakeFailed(f"bad handshake frame: {exc.message}") from None
         if self._client is None:
-            if not isinstance(message, Hello):
-                raise HandshakeFailed(f"expected Hello, got {type(message).__name__}")
-            if message.protocol != PROTOCOL_ID:
-                raise HandshakeFailed(f"protocol {message.protocol!r}, expected {PROTOCOL_ID!r}")
-            self._client_pub = _unhex(message.public_key, 32, "public key")
-            self._check_identity(message.peer_id, self._client_pub)
-            self._client = message
-            theirs = _unhex(message.kex, 32, "key exchange") if message.kex else b""
-            if not theirs:
-                self._kex = None  # a side without one: keys from the cluster key alone
-            mine = self._kex.public if self._kex else b""
-            self._transcript = _transcript(
-                self._client_pub,
-                _unhex(message.nonce, NONCE_BYTES, "nonce"),
-                self._identity.public_key,
-                self._nonce,
-                theirs,
-                mine,
-            )
-            if self._kex is not None:
-                self._shared = self._kex.exchange(theirs)
-            return encode(
-                HelloReply(
-                    PROTOCOL_ID,
-                    self.peer_id,
-                    self._identity.public_key.hex(),
-                    self._nonce.hex(),
-                    _mac(self._key, b"server", self._transcript).hex(),
-                    self._identity.sign(b"server" + self._transcript).hex(),
-                    self._name,
-                    mine.hex(),
-                )
-            )
+            return self._hello(message)
         if isinstance(message, Error):
             raise HandshakeFailed(f"the other side refused: {message.message}")
         if not isinstance(message, HelloFinish):
