@@ -118,6 +118,7 @@ class FrameReader:
                 self._message_op = opcode
             if fin and not self._parts:
                 message_op, self._message_op = self._message_op, None
+                self._size = 0  # the limit is per message, not per connection
                 return message_op, self._check(message_op, payload)
             self._parts.append(payload)
             if fin:

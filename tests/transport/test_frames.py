@@ -138,3 +138,11 @@ def test_garbage_gives_frame_errors_only(data, masked):
                 break
     except FrameError as exc:
         assert 1000 <= exc.close_code < 1012
+
+
+def test_the_size_limit_is_per_message_not_per_connection():
+    # A long-lived connection moves far more than one message's limit in all.
+    reader = FrameReader(masked=False, max_message=1000)
+    for _ in range(50):
+        reader.receive_data(encode_frame(OP_BINARY, bytes(600), mask=False))
+        assert reader.next_message() == (OP_BINARY, bytes(600))
