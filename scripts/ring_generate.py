@@ -67,7 +67,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--peer", action="append", required=True, help="ws:// address, in ring order")
-    p.add_argument("--model", required=True, help="model directory readable by every peer and here")
+    p.add_argument(
+        "--model", required=True, help="model directory on this machine (peers fetch their slices)"
+    )
     p.add_argument("--prompt", default="Tell me a story about a fox and a crow.")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)

@@ -166,9 +166,10 @@ class Cluster:
         on_progress: Progress | None = None,
     ) -> AsyncIterator[LoadedRing]:
         """Load ``model`` across the peers named by ``plan`` (ring order; ranges must
-        tile all layers) and unload it on exit. The model must be readable on every
-        peer, and on the head (for the tokenizer). One ring at a time: a loaded one
-        is unloaded first.
+        tile all layers) and unload it on exit. The model's files need to be here only:
+        each peer fetches the spans its slice reads from this head (by manifest, hash
+        checked), unless its store has them. One ring at a time: a loaded one is
+        unloaded first.
 
         Raises:
             LayerRangeError, PeerUnavailable, PeerError, ModelNotFound, InvalidModel
