@@ -14,18 +14,22 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from dnet.errors import DnetError, InvalidModel
-from dnet.protocol.messages import FileSpans, Span, SpanData
+from dnet.errors import DnetError, InvalidModel, PeerUnavailable
+from dnet.protocol.messages import FetchSpan, FileSpans, Span, SpanData
+from dnet.transport.connection import Connection
 
 log = logging.getLogger(__name__)
 
 MODEL_ID = re.compile(r"^dm[0-9a-f]{40}$")
 MAX_FILE_BYTES = 1 << 40
 HASH_BLOCK = 8 << 20
+FETCH_TIMEOUT_S = 60.0  # for each piece of a span from the head
 
 Fetch = Callable[[str, Span], AsyncIterator[tuple[SpanData, bytes]]]
 
@@ -132,3 +136,61 @@ class WeightStore:
             raise FetchFailed(
                 f"{name}: the bytes [{span.begin}, {span.end}) that came do not match their hash"
             )
+
+
+class SpanFetches:
+    """Fetches under way over head connections: each sends ``FetchSpan`` and reads
+    its pieces from a small queue the connection's reader fills (so a slow disk
+    slows the head down, not memory up)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[
+            tuple[str, str, int], tuple[Connection, trio.MemorySendChannel[Any]]
+        ] = {}
+
+    async def deliver(self, conn: Connection, piece: SpanData, data: bytes) -> None:
+        waiter = self._waiting.get((piece.model_id, piece.file, piece.begin))
+        if waiter is not None and waiter[0] is conn:
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await waiter[1].send((piece, data))
+
+    def close(self, conn: Connection) -> None:
+        for waiting_conn, pieces in list(self._waiting.values()):
+            if waiting_conn is conn:
+                pieces.close()
+
+    def fetcher(self, conn: Connection | None, model_id: str) -> Fetch:
+        """Spans of ``model_id`` from the head on ``conn``, piece by piece."""
+
+        async def fetch(name: str, span: Span) -> AsyncIterator[tuple[SpanData, bytes]]:
+            if conn is None or conn.closed:
+                raise PeerUnavailable("the head that loads this slice went away")
+            key = (model_id, name, span.begin)
+            send, receive = trio.open_memory_channel[Any](4)
+            self._waiting[key] = (conn, send)
+            try:
+                await conn.send(FetchSpan(model_id, name, span.begin, span.end))
+                while True:
+                    piece, data = await _next_piece(receive, name)
+                    yield piece, data
+                    if piece.last:
+                        return
+            finally:
+                del self._waiting[key]
+
+        return fetch
+
+
+async def _next_piece(receive: trio.MemoryReceiveChannel[Any], name: str) -> tuple[SpanData, bytes]:
+    """Raises:
+    PeerUnavailable (the head went away), FetchFailed (it said no, or went quiet)
+    """
+    with trio.move_on_after(FETCH_TIMEOUT_S):
+        try:
+            piece, data = await receive.receive()
+        except trio.EndOfChannel:
+            raise PeerUnavailable(f"the head went away while sending {name}") from None
+        if piece.error:
+            raise FetchFailed(f"the head cannot send {name}: {piece.error}")
+        return piece, data
+    raise FetchFailed(f"no part of {name} came in {FETCH_TIMEOUT_S:.0f}s")

@@ -96,7 +96,7 @@ def test_a_paused_chunk_takes_the_waiting_steps_out_of_turn():
 
 
 def test_a_chunk_pauses_for_steps_only_after_its_slice():
-    from dnet.peer.daemon import _Pause
+    from dnet.peer.request_work import _Pause
 
     waiting = [True]
     pause = _Pause(lambda: waiting[0], 0.05)
