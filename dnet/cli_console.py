@@ -187,7 +187,7 @@ def _mdns_interfaces(settings: ConsoleSettings) -> list[str]:
 
 
 APP_OPTIONS = ("api_key", "cors_origin", "allowed_hosts", "max_body")
-HEAD_OPTIONS = ("max_concurrent", "context", "compute_dtype", "decode_lanes")
+HEAD_OPTIONS = ("max_concurrent", "context", "compute_dtype", "decode_lanes", "cache_dir")
 
 
 def _options(settings: ConsoleSettings, names: tuple[str, ...]) -> dict[str, Any]:

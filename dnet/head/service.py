@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import trio
 
@@ -30,14 +31,18 @@ async def open_coordinator(
     decode_lanes: int | None = None,
     health_interval_s: float = 2.0,
     redial_interval_s: float = 1.0,
+    cache_dir: Path | None = None,
 ) -> AsyncIterator[Coordinator]:
     """A coordinator whose cluster follows discovery: the static addresses (dialled
     again every ``redial_interval_s`` while down) and, when ``mdns_interfaces`` are
-    given, peers advertised over mDNS on them."""
+    given, peers advertised over mDNS on them. ``cache_dir`` keeps the manifests of
+    models, so each is hashed once."""
     from dnet.discovery.static import announce_static, redial_static
 
     async with (
-        open_cluster([], identity, cluster_key, decode_lanes=decode_lanes) as cluster,
+        open_cluster(
+            [], identity, cluster_key, decode_lanes=decode_lanes, cache_dir=cache_dir
+        ) as cluster,
         trio.open_nursery() as nursery,
     ):
         coordinator = Coordinator(

@@ -46,7 +46,11 @@ def test_a_head_serving_a_model_never_loads_mlx(tiny_model, tmp_path):
         2,
         "--model",
         str(model),
-        console_env={"PYTHONPATH": path, "DNET_TEST_MODULES": str(report)},
+        console_env={
+            "PYTHONPATH": path,
+            "DNET_TEST_MODULES": str(report),
+            "DNET_CACHE_DIR": str(tmp_path / "cache"),
+        },
     )
     try:
         c.wait(lambda: c.get("/health").json()["state"] == "loaded", 60, "the model loads")
@@ -57,6 +61,8 @@ def test_a_head_serving_a_model_never_loads_mlx(tiny_model, tmp_path):
         assert answer.status_code == 200, answer.text
         assert answer.json()["usage"]["completion_tokens"] >= 1
         assert _mapped(c.console.proc.pid) == []
+        # The model was hashed once, into the head's cache (peers fetch by it).
+        assert len(list((tmp_path / "cache" / "manifests").glob("*.json"))) == 1
         # The peers do load it: the check can see a mapped MLX.
         assert _mapped(c.peers[0].proc.pid) != []
     finally:
