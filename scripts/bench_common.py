@@ -85,7 +85,7 @@ async def _loaded_ring(procs, path, cuts, compute_dtype=None):
     """A ring over ``procs`` with ``path`` loaded at ``cuts`` (weights widened to
     ``compute_dtype``); yields it and the seconds the load took."""
     from dnet.head.cluster import open_cluster
-    from dnet.head.loaded_ring import PlanEntry
+    from dnet.head.loading import PlanEntry
     from dnet.identity import Identity
 
     key = bytes.fromhex(os.environ["DNET_BENCH_KEY"])

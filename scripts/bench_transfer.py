@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from dnet.head.cluster import open_cluster
-from dnet.head.loaded_ring import PlanEntry
+from dnet.head.loading import PlanEntry
 from dnet.identity import Identity
 from dnet.models.manifest import build_manifest
 from dnet.models.model_dir import open_model_dir

@@ -26,7 +26,7 @@ from dnet.identity import load_cluster_key, load_identity
 
 async def run(args: argparse.Namespace) -> None:
     from dnet.head.cluster import open_cluster
-    from dnet.head.loaded_ring import PlanEntry
+    from dnet.head.loading import PlanEntry
     from dnet.models.model_dir import open_model_dir
     from dnet.runtime.local import even_cuts
     from dnet.sampling import SamplingParams

@@ -11,34 +11,25 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from dnet.errors import DnetError, DuplicatePeer, PeerUnavailable
-from dnet.head.loaded_ring import (
-    LoadedRing,
-    PlanEntry,
-    Progress,
-    check_plan,
-    load_slices,
-    machines,
-    unload_slices,
-)
+from dnet.errors import DuplicatePeer, PeerUnavailable
+from dnet.head.loaded_ring import LoadedRing, machines
+from dnet.head.loading import PlanEntry, Progress, check_plan, load_slices, quietly
 from dnet.head.peers import PeerClient
 from dnet.head.spans import SpanServer
 from dnet.identity import Identity, verify_signature
 from dnet.models.manifest import Manifest, build_manifest, manifest_for
 from dnet.models.model_dir import ModelDir, open_model_dir
-from dnet.models.tokenizer import Tokenizer, load_tokenizer
-from dnet.protocol.messages import Error, Loaded, Status, StepTokens, Token
+from dnet.models.tokenizer import load_tokenizer
+from dnet.protocol.messages import Error, Status, StepTokens, Token
 from dnet.transport.connection import open_connection
 
 log = logging.getLogger(__name__)
-
-UNLOAD_TIMEOUT_S = 30.0
 
 
 class Cluster:
@@ -179,12 +170,20 @@ class Cluster:
         check_plan(plan, model.num_layers)
         order = [self.peer(e.peer_id) for e in plan]
         manifest = await trio.to_thread.run_sync(self._manifest, model)
+        eos = model.config.get("eos_token_id")
+        tokenizer = await trio.to_thread.run_sync(load_tokenizer, model.path, eos)
         if self.ring is not None:
             await self.ring.unload()
         self._spans.register(model, manifest)
         try:
-            loaded, tokenizer = await _load(
-                model, manifest, plan, order, max_context, compute_dtype, on_progress
+            loaded = await load_slices(
+                model,
+                manifest,
+                plan,
+                order,
+                max_context=max_context,
+                compute_dtype=compute_dtype,
+                on_progress=on_progress,
             )
         except BaseException:
             self._spans.forget(manifest.model_id)
@@ -206,11 +205,7 @@ class Cluster:
             if self.ring is ring:
                 self.ring = None
             if not self.closing:  # on the cluster's end the connections close anyway
-                with (
-                    trio.CancelScope(shield=True),
-                    trio.move_on_after(UNLOAD_TIMEOUT_S),
-                    suppress(DnetError),
-                ):
+                with quietly():
                     await ring.unload()
 
     def _manifest(self, model: ModelDir) -> Manifest:
@@ -233,40 +228,6 @@ class Cluster:
 
         ring: LoadedRing = await self._nursery.start(hold)
         return ring
-
-
-async def _load(
-    model: ModelDir,
-    manifest: Manifest,
-    plan: Sequence[PlanEntry],
-    order: Sequence[PeerClient],
-    max_context: int | None,
-    compute_dtype: str | None,
-    on_progress: Progress | None,
-) -> tuple[list[Loaded], Tokenizer]:
-    """The peers' slices and the head's tokenizer; on failure, whatever loaded is
-    unloaded again."""
-    try:
-        loaded = await load_slices(
-            model,
-            manifest,
-            plan,
-            order,
-            max_context=max_context,
-            compute_dtype=compute_dtype,
-            on_progress=on_progress,
-        )
-        eos = model.config.get("eos_token_id")
-        tokenizer = await trio.to_thread.run_sync(load_tokenizer, model.path, eos)
-    except BaseException:
-        with (
-            trio.CancelScope(shield=True),
-            trio.move_on_after(UNLOAD_TIMEOUT_S),
-            suppress(DnetError),
-        ):
-            await unload_slices(order)
-        raise
-    return loaded, tokenizer
 
 
 @asynccontextmanager

@@ -2,9 +2,8 @@
 decode lanes and the sessions running on it. "No model loaded" is the absence of
 one; ``Cluster.open_ring`` (or ``Cluster.load``) makes it.
 
-Once a session's first token is back, the request is a member of a decode lane
-(``dnet.head.lanes``): one dispatcher task sends each lane's members as one batched
-``Step`` and, as soon as its tokens are back, the next one.
+Once a session's first token is back, its request joins a decode lane
+(``dnet.head.lanes``); one dispatcher task sends each lane's steps as they are due.
 """
 
 from __future__ import annotations
@@ -13,130 +12,35 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import aclosing
 
-import attrs
 import trio
 
-from dnet.errors import DnetError, LayerRangeError, PeerError, PeerUnavailable
+from dnet.errors import DnetError, PeerError, PeerUnavailable
 from dnet.head.lanes import Lanes, StepPlan
+from dnet.head.loading import unload_slices
 from dnet.head.peers import PeerClient
 from dnet.head.session import PREFILL_CHUNK, TOKEN_TIMEOUT_S, Failure, Session, ids_payload
 from dnet.head.text import GenerationEvent, SessionText
-from dnet.models.manifest import Manifest, slice_files
 from dnet.models.model_dir import ModelDir
 from dnet.models.tokenizer import Tokenizer
 from dnet.protocol.messages import (
     Error,
     Loaded,
-    LoadSlice,
     Status,
     Step,
     StepTokens,
     Token,
-    Unload,
-    Unloaded,
 )
 from dnet.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]  # (peer id, bytes done, bytes total)
-
-
-@attrs.frozen
-class PlanEntry:
-    """One slice of a plan: which peer (by peer id) holds layers ``[start, end)``."""
-
-    peer_id: str
-    start: int
-    end: int
-
 
 def machines(addresses: Sequence[str]) -> int:
     """How many distinct hosts ``host:port`` addresses name."""
     return len({a.rsplit(":", 1)[0].strip("[]") for a in addresses})
-
-
-def check_plan(plan: Sequence[PlanEntry], num_layers: int) -> None:
-    """Raises:
-    LayerRangeError: the ranges do not tile ``[0, num_layers)`` in order.
-    """
-    expected = 0
-    for entry in plan:
-        if entry.start != expected or entry.end <= entry.start:
-            raise LayerRangeError(f"plan {list(plan)} does not tile the layers at {expected}")
-        expected = entry.end
-    if expected != num_layers:
-        raise LayerRangeError(f"plan covers {expected} of {num_layers} layers")
-
-
-async def load_slices(
-    model: ModelDir,
-    manifest: Manifest,
-    plan: Sequence[PlanEntry],
-    order: Sequence[PeerClient],
-    *,
-    max_context: int | None,
-    compute_dtype: str | None,
-    on_progress: Progress | None = None,
-) -> list[Loaded]:
-    """Send every peer its ``LoadSlice`` at once (naming, by ``manifest``, the spans
-    of the model files its slice reads; peers fetch what they lack from this head);
-    the replies in ring order.
-
-    Raises:
-        PeerUnavailable, PeerError: the first failure (the others' slices stay
-            loaded: the caller unloads).
-    """
-    results: list[Loaded | None] = [None] * len(plan)
-    errors: list[DnetError] = []
-
-    async def load_one(i: int) -> None:
-        prev = order[i - 1] if i > 0 else None
-        nxt = order[i + 1] if i + 1 < len(order) else None
-        message = LoadSlice(
-            model=str(model.path),
-            start=plan[i].start,
-            end=plan[i].end,
-            is_first=prev is None,
-            is_last=nxt is None,
-            prev_address=prev.address if prev else None,
-            prev_peer_id=prev.peer_id if prev else None,
-            next_peer_id=nxt.peer_id if nxt else None,
-            max_context=max_context,
-            compute_dtype=compute_dtype,
-            model_id=manifest.model_id,
-            files=slice_files(manifest, model, plan[i].start, plan[i].end),
-        )
-        try:
-            results[i] = await order[i].call(message, Loaded)
-        except DnetError as exc:
-            errors.append(exc)
-
-    for p in order:
-        p.on_progress = (
-            None
-            if on_progress is None
-            else lambda client, msg: on_progress(client.peer_id, msg.done, msg.total)
-        )
-    try:
-        async with trio.open_nursery() as nursery:
-            for i in range(len(plan)):
-                nursery.start_soon(load_one, i)
-    finally:
-        for p in order:
-            p.on_progress = None
-    if errors:
-        raise errors[0]
-    return [r for r in results if r is not None]
-
-
-async def unload_slices(order: Sequence[PeerClient]) -> None:
-    for p in order:
-        if p.alive:
-            await p.call(Unload(), Unloaded)
 
 
 class LoadedRing:

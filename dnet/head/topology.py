@@ -16,7 +16,8 @@ import trio
 
 from dnet.errors import InvalidRequest
 from dnet.head.cluster import Cluster
-from dnet.head.loaded_ring import LoadedRing, PlanEntry
+from dnet.head.loaded_ring import LoadedRing
+from dnet.head.loading import PlanEntry
 from dnet.models.model_dir import ModelDir, open_model_dir
 from dnet.models.model_profile import model_profile
 from dnet.protocol.messages import LinkReport, ProbeLink, Profile, ProfileRequest

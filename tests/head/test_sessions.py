@@ -11,7 +11,7 @@ from mlx_lm import load
 from mlx_lm.generate import generate_step
 
 from dnet.head.cluster import open_cluster
-from dnet.head.loaded_ring import PlanEntry
+from dnet.head.loading import PlanEntry
 from dnet.head.stops import StopMatcher
 from dnet.identity import Identity
 from dnet.protocol.messages import StartRequest

@@ -16,7 +16,7 @@ from mlx_lm.generate import generate_step
 from dnet.demo import split_budget
 from dnet.errors import PeerError
 from dnet.head.cluster import open_cluster
-from dnet.head.loaded_ring import PlanEntry
+from dnet.head.loading import PlanEntry
 from dnet.head.topology import load_topology, prepare_topology, topology_json
 from dnet.identity import Identity
 

@@ -8,7 +8,7 @@ import trio
 
 from dnet.head import spans as spans_module
 from dnet.head.cluster import open_cluster
-from dnet.head.loaded_ring import PlanEntry
+from dnet.head.loading import PlanEntry
 from dnet.identity import Identity, verify_signature
 from dnet.models.manifest import build_manifest, bytes_of, slice_spans
 from dnet.models.model_dir import open_model_dir

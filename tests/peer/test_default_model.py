@@ -11,7 +11,7 @@ import gguf
 import psutil
 
 from dnet.head.cluster import open_cluster
-from dnet.head.loaded_ring import PlanEntry
+from dnet.head.loading import PlanEntry
 from dnet.head.topology import profile_devices
 from dnet.identity import Identity
 from dnet.models.gguf import read_header

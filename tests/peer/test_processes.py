@@ -15,7 +15,7 @@ from mlx_lm.generate import generate_step
 
 from dnet.errors import PeerError, PeerUnavailable
 from dnet.head.cluster import open_cluster
-from dnet.head.loaded_ring import PlanEntry
+from dnet.head.loading import PlanEntry
 from dnet.identity import Identity
 from dnet.peer.process import PeerProcess
 

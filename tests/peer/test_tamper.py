@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from dnet.head.cluster import open_cluster
-from dnet.head.loaded_ring import PlanEntry
+from dnet.head.loading import PlanEntry
 from dnet.identity import Identity, verify_signature
 from dnet.protocol.codec import encode
 from dnet.protocol.messages import StatusRequest, Unload
