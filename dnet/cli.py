@@ -6,6 +6,7 @@ import contextlib
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from dnet.config import (
@@ -27,7 +28,8 @@ GENERATE_HELP = (
 )
 PEER_HELP = (
     "Run a dnet peer: hold a slice of a model's layers and serve it over an "
-    "authenticated WebSocket."
+    "authenticated WebSocket. 'dnet-peer models' lists the models whose weights it "
+    "keeps; 'dnet-peer models rm ID...' removes them."
 )
 
 
@@ -121,6 +123,9 @@ if __name__ == "__main__":
 
 
 def peer_main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["models"]:
+        return peer_models(argv[1:])
     settings = _settings(PeerSettings, PEER, PEER_HELP, argv)
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -161,6 +166,58 @@ def peer_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def peer_models(argv: list[str]) -> int:
+    """``dnet-peer models [rm MODEL_ID...] [--state-dir DIR] [--models-dir DIR]``:
+    the models this peer has fetched weights of (least recently used first), or
+    remove some."""
+    from dnet.peer.disk import remove, stored_models
+
+    rest, ids = list(argv), []
+    if rest[:1] == ["rm"]:
+        rest.pop(0)
+        while rest and not rest[0].startswith("-"):
+            ids.append(rest.pop(0))
+        if not ids:
+            print(
+                "usage: dnet-peer models rm MODEL_ID... (ids from dnet-peer models)",
+                file=sys.stderr,
+            )
+            return 2
+    settings = _settings(PeerSettings, PEER, PEER_HELP, rest)
+    root = weights_dir(settings)
+    if ids:
+        missing = [i for i in ids if not remove(root, i)]
+        for i in missing:
+            print(f"dnet-peer: no model {i} in {root}", file=sys.stderr)
+        return 1 if missing else 0
+    models = stored_models(root)
+    print(f"{len(models)} models in {root}, {sum(m.disk_bytes for m in models) / 2**20:.1f} MiB")
+    for m in models:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.last_used))
+        print(
+            f"{m.model_id}  {m.disk_bytes / 2**20:9.1f} MiB  {m.spans:5d} spans  used {used}  "
+            + ", ".join(m.files)
+        )
+    return 0
+
+
+def weights_dir(settings: object) -> Path:
+    """Where a peer keeps the weights it fetched: in ``--models-dir``, else its
+    state dir."""
+    from dnet.config import PeerSettings
+
+    assert isinstance(settings, PeerSettings)
+    if settings.models_dir is not None:
+        return settings.models_dir / "dnet-store"
+    return settings.state_dir / "weights"
+
+
+def hf_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
 async def _run_peer(settings: object, identity: object, key: bytes) -> None:
     import signal
 
@@ -185,7 +242,10 @@ async def _run_peer(settings: object, identity: object, key: bytes) -> None:
                 request_idle_timeout_s=settings.request_idle_timeout_s,
                 state_dir=settings.state_dir,
                 max_memory=settings.max_memory,
-                weights_dir=settings.state_dir / "weights",
+                weights_dir=weights_dir(settings),
+                local_dirs=[settings.models_dir] if settings.models_dir else [],
+                hf_cache=hf_cache_dir(),
+                max_disk=settings.max_disk,
             )
             port = await nursery.start(daemon.run, settings.host, settings.port)
             host = f"[{settings.host}]" if ":" in settings.host else settings.host

@@ -139,6 +139,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("port", "port to listen on (default 0: any free port)", (PEER,), "--port", "DNET_PORT", 0, port),
     Option("name", "a human name for this peer (default: the host name)", (PEER,), "--name", "DNET_NAME", lambda env: socket.gethostname()),
     Option("max_memory", "memory this peer offers for a model's weights and KV cache, e.g. 512MiB or 2GiB (default: what the machine has free)", (PEER,), "--max-memory", "DNET_MAX_MEMORY", parse=parse_size, metavar="SIZE"),
+    Option("models_dir", "a directory of models on this machine: its copies are used instead of fetching, and fetched weights are kept in it (default: fetched weights in the state dir)", (PEER,), "--models-dir", "DNET_MODELS_DIR", parse=path, metavar="DIR"),
+    Option("max_disk", "disk this peer's fetched weights may take, e.g. 20GiB; models not loaded are evicted, least recently used first (default: no limit)", (PEER,), "--max-disk", "DNET_MAX_DISK", parse=parse_size, metavar="SIZE"),
     Option("request_idle_timeout_s", "seconds before an idle request's KV cache is freed", (PEER,), env="DNET_REQUEST_IDLE_TIMEOUT", default=600.0, parse=float),
     # shared
     Option("model", "prepare and load this model at start: a directory, a .gguf file, a cached HF repo id, or smollm2-135m", (CONSOLE,), "--model", "DNET_MODEL"),
@@ -285,6 +287,8 @@ class PeerSettings:
     mdns: bool = True
     request_idle_timeout_s: float = 600.0
     max_memory: int | None = None  # bytes this peer offers for weights and KV; None: what is free
+    models_dir: Path | None = None  # copies of models; fetched weights kept here
+    max_disk: int | None = None  # bytes the fetched weights may take
     use_openblas: bool = True
     use_skinny_kernel: bool = True
     cache_dir: Path = Path(".")

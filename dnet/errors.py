@@ -55,6 +55,13 @@ class OverMemoryBudget(DnetError):
     code = "over_memory_budget"
 
 
+class OverDiskBudget(DnetError):
+    """A slice's weights do not fit in the disk the peer offers (``--max-disk``),
+    even with every model it is not using evicted."""
+
+    code = "over_disk_budget"
+
+
 class LayerRangeError(DnetError):
     """A layer range is empty or outside ``[0, num_layers]``."""
 

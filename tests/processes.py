@@ -38,8 +38,15 @@ class PeerProcess(process.PeerProcess):
     """A ``dnet-peer`` subprocess with the test cluster's key file; always stopped
     by the test that starts it."""
 
-    def __init__(self, state_dir: Path, key_file: Path, name: str, *extra: str) -> None:
-        env = dict(os.environ, DNET_OPENBLAS="0", DNET_LOG_LEVEL="WARNING")
+    def __init__(
+        self,
+        state_dir: Path,
+        key_file: Path,
+        name: str,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        env = dict(os.environ, DNET_OPENBLAS="0", DNET_LOG_LEVEL="WARNING", **(env or {}))
         super().__init__(state_dir, name, *extra, key_file=key_file, env=env)
 
 

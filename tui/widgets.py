@@ -163,21 +163,34 @@ class ModelPanel(Vertical):
         for key, child in existing.items():
             if key not in wanted:
                 child.remove()
-        for pid, (done, total) in progress.items():
+        for pid, step in progress.items():
             key = f"load-{pid[:12]}"
+            done, total = int(step.get("done", 0)), max(int(step.get("total", 0)), 1)
+            what = load_label(step)
             if key in existing:
-                existing[key].query_one(ProgressBar).update(total=max(total, 1), progress=done)
+                existing[key].query_one(ProgressBar).update(total=total, progress=done)
+                existing[key].query_one(".load-what", Label).update(what)
             else:
-                bar = ProgressBar(total=max(total, 1), show_eta=False)
+                bar = ProgressBar(total=total, show_eta=False)
                 bar.progress = done
                 bars.mount(
                     Horizontal(
                         Label(f"{names.get(pid, pid[:12])[:14]:<14} "),
                         bar,
+                        Label(what, classes="load-what"),
                         id=key,
                         classes="load-row",
                     )
                 )
+
+
+def load_label(step: dict[str, Any]) -> str:
+    """What a peer's load bar stands for: ``fetching 12 MB/s from hub``, ``reading``."""
+    phase = str(step.get("phase", ""))
+    if phase != "fetching":
+        return f" {phase}"
+    rate = float(step.get("rate", 0.0))
+    return f" {rate / 1e6:.1f} MB/s from {step.get('source', '?')}"
 
 
 class ThroughputPanel(Vertical):

@@ -118,7 +118,6 @@ async def unload_model() -> Response:
 
 def status_body(coordinator: Coordinator) -> dict[str, Any]:
     stats = attrs.asdict(coordinator.statistics())
-    stats["load_progress"] = {k: list(v) for k, v in stats["load_progress"].items()}
     return {
         "head": stats,
         "model": attrs.asdict(coordinator.model) if coordinator.model else None,

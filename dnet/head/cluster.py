@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,14 +18,16 @@ from typing import Any
 
 import trio
 
+from dnet.config import default_cache_dir
 from dnet.errors import DuplicatePeer, PeerUnavailable
 from dnet.head.loaded_ring import LoadedRing, machines
 from dnet.head.loading import PlanEntry, Progress, check_plan, load_slices, quietly
 from dnet.head.peers import PeerClient
 from dnet.head.spans import SpanServer
 from dnet.identity import Identity, verify_signature
+from dnet.models.hub import open_model
 from dnet.models.manifest import Manifest, build_manifest, manifest_for
-from dnet.models.model_dir import ModelDir, open_model_dir
+from dnet.models.model_dir import ModelDir
 from dnet.models.tokenizer import load_tokenizer
 from dnet.protocol.messages import Error, Status, StepTokens, Token
 from dnet.transport.connection import open_connection
@@ -166,7 +169,7 @@ class Cluster:
             LayerRangeError, PeerUnavailable, PeerError, ModelNotFound, InvalidModel
         """
         if not isinstance(model, ModelDir):
-            model = await trio.to_thread.run_sync(open_model_dir, model)
+            model = await self.open_model(model)
         check_plan(plan, model.num_layers)
         order = [self.peer(e.peer_id) for e in plan]
         manifest = await trio.to_thread.run_sync(self._manifest, model)
@@ -207,6 +210,16 @@ class Cluster:
             if not self.closing:  # on the cluster's end the connections close anyway
                 with quietly():
                     await ring.unload()
+
+    async def open_model(self, ref: str | Path) -> ModelDir:
+        """A local model, or a repo id's stub from the hub (config, tokenizer and
+        headers only: peers fetch their tensors from the hub).
+
+        Raises:
+            ModelNotFound, InvalidModel
+        """
+        cache = self._cache_dir or default_cache_dir(os.environ)
+        return await trio.to_thread.run_sync(open_model, ref, cache)
 
     def _manifest(self, model: ModelDir) -> Manifest:
         if self._cache_dir is None:

@@ -19,10 +19,11 @@ import trio
 from dnet.errors import DnetError, InvalidRequest, ModelNotLoaded, PeerUnavailable
 from dnet.head.cluster import Cluster
 from dnet.head.loaded_ring import LoadedRing
+from dnet.head.loading import PeerLoading
 from dnet.head.results import Device, LoadedModel, LoadResult, PeerLoad
 from dnet.head.serving import HeadStatistics, Serving
 from dnet.head.topology import Topology, load_topology, model_context, prepare_topology
-from dnet.models.model_dir import ModelDir, open_model_dir
+from dnet.models.model_dir import ModelDir
 from dnet.protocol.messages import Status
 from dnet.solver.profiles import HEAD
 
@@ -78,7 +79,7 @@ class Coordinator:
         self.state = ModelState.IDLE
         self.preparing: str | None = None  # the model being prepared
         self.pending_model: str | None = None  # being loaded
-        self.load_progress: dict[str, tuple[int, int]] = {}
+        self.load_progress: dict[str, PeerLoading] = {}
         self.serving = Serving(self, max_concurrent)
         # The topology the user loaded; while its peers are missing, a fallback
         # plan on the others runs instead (``dnet.head.recovery``).
@@ -154,7 +155,7 @@ class Coordinator:
             raise PeerUnavailable("no peers are connected: start dnet-peer on some machines")
         named = model if isinstance(model, str) else None
         if not isinstance(model, ModelDir):
-            model = await trio.to_thread.run_sync(open_model_dir, model)
+            model = await self.cluster.open_model(model)
         context = model_context(model, context, self.context)
         async with self._operation:
             self.preparing = str(model.path)
@@ -186,7 +187,7 @@ class Coordinator:
         if model is None and topology is None:
             raise InvalidRequest("give a model or a topology", "model")
         name = topology.model if topology is not None else str(model)
-        info = await trio.to_thread.run_sync(open_model_dir, name)
+        info = await self.cluster.open_model(name)
         if topology is None:
             topology = await self.prepare(info)
             topology = attrs.evolve(topology, name=model or topology.name)
@@ -199,11 +200,11 @@ class Coordinator:
 
     async def _load(self, model_id: str, info: ModelDir, topology: Topology) -> LoadResult:
         self.model, self.ring, self.pending_model = None, None, model_id
-        self.load_progress = {a.peer_id: (0, 0) for a in topology.assignments}
+        self.load_progress = {a.peer_id: PeerLoading("waiting", 0, 0) for a in topology.assignments}
         self._move(Move.LOAD)
 
-        def progress(peer_id: str, done: int, total: int) -> None:
-            self.load_progress[peer_id] = (done, total)
+        def progress(peer_id: str, step: PeerLoading) -> None:
+            self.load_progress[peer_id] = step
             self.touch()
 
         started = time.monotonic()
@@ -241,7 +242,7 @@ class Coordinator:
         async with self._operation:
             self.set_replan(why)
             try:
-                info = await trio.to_thread.run_sync(open_model_dir, model.path)
+                info = await self.cluster.open_model(model.path)
                 result = await self._load(model.id, info, topology)
             finally:
                 self.set_replan(None)

@@ -15,13 +15,34 @@ from dnet.errors import DnetError, LayerRangeError
 from dnet.head.peers import PeerClient
 from dnet.models.manifest import Manifest, slice_files
 from dnet.models.model_dir import ModelDir
-from dnet.protocol.messages import Loaded, LoadSlice, Unload, Unloaded
+from dnet.protocol.messages import (
+    FetchProgress,
+    Loaded,
+    LoadProgress,
+    LoadSlice,
+    Unload,
+    Unloaded,
+)
 
 log = logging.getLogger(__name__)
 
 UNLOAD_TIMEOUT_S = 30.0
 
-Progress = Callable[[str, int, int], None]  # (peer id, bytes done, bytes total)
+
+@attrs.frozen
+class PeerLoading:
+    """Where one peer's load stands: ``fetching`` its weights (``done`` of ``total``
+    bytes it lacked, from ``source`` at ``rate`` bytes/s), then ``reading`` them
+    (``done`` of ``total`` parts)."""
+
+    phase: str
+    done: int
+    total: int
+    source: str = ""
+    rate: float = 0.0
+
+
+Progress = Callable[[str, PeerLoading], None]  # (peer id, where its load stands)
 
 
 @attrs.frozen
@@ -68,6 +89,7 @@ def slice_message(
         next_peer_id=nxt.peer_id if nxt else None,
         model_id=manifest.model_id,
         files=slice_files(manifest, model, plan[i].start, plan[i].end),
+        hub=manifest.hub,
     )
 
 
@@ -102,12 +124,17 @@ async def load_slices(
         except DnetError as exc:
             errors.append(exc)
 
+    def progress(client: PeerClient, msg: LoadProgress | FetchProgress) -> None:
+        if on_progress is None:
+            return
+        if isinstance(msg, FetchProgress):
+            step = PeerLoading("fetching", msg.done, msg.total, msg.source, msg.rate)
+        else:
+            step = PeerLoading("reading", msg.done, msg.total)
+        on_progress(client.peer_id, step)
+
     for p in order:
-        p.on_progress = (
-            None
-            if on_progress is None
-            else lambda client, msg: on_progress(client.peer_id, msg.done, msg.total)
-        )
+        p.on_progress = progress
     try:
         async with trio.open_nursery() as nursery:
             for i in range(len(plan)):

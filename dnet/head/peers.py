@@ -19,6 +19,7 @@ from dnet.errors import PeerError, PeerUnavailable
 from dnet.protocol.codec import ProtocolError
 from dnet.protocol.messages import (
     Error,
+    FetchProgress,
     FetchSpan,
     LoadProgress,
     Message,
@@ -57,7 +58,7 @@ class PeerClient:
         self.gone_why: str | None = None  # set by whoever closes it on purpose
         self._lock = trio.Lock()
         self._seq = 0
-        self.on_progress: Callable[[PeerClient, LoadProgress], None] | None = None
+        self.on_progress: Callable[[PeerClient, LoadProgress | FetchProgress], None] | None = None
         # Weights the peer asks for while it loads (``dnet.head.spans``).
         self.on_fetch: Callable[[PeerClient, FetchSpan], None] | None = None
         self._pong_arrived_ns = 0
@@ -85,7 +86,7 @@ class PeerClient:
                     isinstance(message, Error) and message.request_id
                 ):
                     on_request_message(message)
-                elif isinstance(message, LoadProgress):
+                elif isinstance(message, LoadProgress | FetchProgress):
                     if self.on_progress is not None:
                         self.on_progress(self, message)
                 elif isinstance(message, FetchSpan):

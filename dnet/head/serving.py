@@ -18,6 +18,7 @@ import attrs
 import trio
 
 from dnet.errors import ContextOverflow, ModelNotFound, ModelNotLoaded, OverCapacity
+from dnet.head.loading import PeerLoading
 from dnet.head.text import GenerationEvent, Prompt, prompt_ids
 from dnet.sampling import SamplingParams
 
@@ -62,7 +63,7 @@ class HeadStatistics:
     tokens_generated: int
     tokens_per_s: float
     last_ttft_s: float | None
-    load_progress: dict[str, tuple[int, int]]
+    load_progress: dict[str, PeerLoading]
     pending_model: str | None = None  # being prepared or loaded
     decode_lanes: tuple[int, ...] = ()  # running requests in each decode lane
     replanning: str | None = None  # why the head is re-planning the model now

@@ -40,7 +40,14 @@ class SpanServer:
         """
         model, manifest = self._models[message.model_id]
         file = manifest.file(message.file)
-        if not any(s.begin == message.begin and s.end == message.end for s in file.spans):
+        # A run of whole spans: from one's beginning to one's end, each held here.
+        inside = [s for s in file.spans if message.begin <= s.begin and s.end <= message.end]
+        if (
+            not inside
+            or inside[0].begin != message.begin
+            or inside[-1].end != message.end
+            or not all(s.sha256 for s in inside)
+        ):
             raise LookupError(f"no span [{message.begin}, {message.end}) in {message.file}")
         return model.path if model.is_gguf else model.path / file.name
 

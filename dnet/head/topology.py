@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -17,8 +16,8 @@ import trio
 from dnet.errors import InvalidRequest
 from dnet.head.cluster import Cluster
 from dnet.head.loaded_ring import LoadedRing
-from dnet.head.loading import PlanEntry
-from dnet.models.model_dir import ModelDir, open_model_dir
+from dnet.head.loading import PlanEntry, Progress
+from dnet.models.model_dir import ModelDir
 from dnet.models.model_profile import model_profile
 from dnet.protocol.messages import LinkReport, ProbeLink, Profile, ProfileRequest
 from dnet.solver.plan import Plan
@@ -154,11 +153,7 @@ async def prepare_topology(
     Raises:
         NoFeasiblePlan, ModelNotFound, PeerUnavailable
     """
-    info = (
-        model
-        if isinstance(model, ModelDir)
-        else await trio.to_thread.run_sync(open_model_dir, model)
-    )
+    info = model if isinstance(model, ModelDir) else await cluster.open_model(model)
     profile = model_profile(info, compute_dtype)
     dtype = {4: "float32", 2: "bfloat16"}.get(
         profile.activation_bytes // int(info.config["hidden_size"]), "float32"
@@ -222,12 +217,12 @@ def _load_s(nbytes: int, disk_bytes_s: float) -> float | None:
 async def load_topology(
     cluster: Cluster,
     topology: Topology,
-    on_progress: Callable[[str, int, int], None] | None = None,
+    on_progress: Progress | None = None,
     model: ModelDir | None = None,
 ) -> LoadedRing:
     """Load every peer of ``topology`` in parallel (``model``: the topology's model,
-    already opened); ``on_progress(peer_id, done, total)`` follows each peer's
-    reading of its weights. The ring is held by the cluster until unloaded."""
+    already opened); ``on_progress(peer_id, PeerLoading)`` follows each peer's
+    fetching and reading of its weights. The ring is held by the cluster until unloaded."""
     return await cluster.load(
         model or topology.model,
         topology.plan_entries(),

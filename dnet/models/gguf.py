@@ -118,9 +118,10 @@ def stored_nbytes(type_name: str, shape: tuple[int, ...]) -> int:
 class _Cursor:
     """Reads little-endian values from a memory-mapped header, bounds-checked."""
 
-    def __init__(self, buf: mmap.mmap) -> None:
+    def __init__(self, buf: mmap.mmap | bytes) -> None:
         self.buf = buf
         self.pos = 0
+        self.data_start = 0
 
     def take(self, fmt: str) -> Any:
         (value,) = struct.unpack_from(fmt, self.buf, self.pos)
@@ -188,7 +189,26 @@ def read_header(path: str | Path, *, vocab: bool = False) -> GGUFHeader:
         raise InvalidModel(f"cannot read the GGUF header of {path.name}: {exc}") from exc
 
 
-def _parse(path: Path, cur: _Cursor, vocab: bool) -> GGUFHeader:
+def header_end(prefix: bytes) -> int | None:
+    """Where a GGUF file's tensor data begins, read from a ``prefix`` of the file;
+    None when the prefix is too short to hold the whole header.
+
+    Raises:
+        InvalidModel: the prefix is not the start of a GGUF file dnet reads.
+    """
+    cur = _Cursor(prefix)
+    try:
+        _parse(Path("prefix"), cur, vocab=False, sized=False)
+    except (struct.error, IndexError):
+        return None
+    except (ValueError, UnicodeDecodeError) as exc:
+        if "past the end" in str(exc):
+            return None
+        raise InvalidModel(f"cannot read a GGUF header: {exc}") from exc
+    return cur.data_start
+
+
+def _parse(path: Path, cur: _Cursor, vocab: bool, sized: bool = True) -> GGUFHeader:
     if cur.buf[:4] != MAGIC:
         raise ValueError("not a GGUF file (no GGUF magic)")
     cur.pos = 4
@@ -213,8 +233,8 @@ def _parse(path: Path, cur: _Cursor, vocab: bool) -> GGUFHeader:
     alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
     if alignment <= 0 or alignment & (alignment - 1):
         raise ValueError(f"alignment {alignment} is not a power of two")
-    data_start = -(-cur.pos // alignment) * alignment
-    size = len(cur.buf)
+    data_start = cur.data_start = -(-cur.pos // alignment) * alignment
+    size = len(cur.buf) if sized else 1 << 62
     tensors: dict[str, GGUFTensor] = {}
     for name, shape, type_id, offset in records:
         type_name = TYPE_NAMES.get(type_id, f"type {type_id}")

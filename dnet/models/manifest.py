@@ -23,8 +23,9 @@ import attrs
 import cattrs
 
 from dnet.models.gguf import stored_nbytes
+from dnet.models.hub import hub_source, stub_hashes
 from dnet.models.model_dir import ModelDir
-from dnet.protocol.messages import FileSpans, Span
+from dnet.protocol.messages import FileSpans, HubSource, Span
 
 # Small files a head and a peer need besides the weights: config, tokenizer, template.
 SIDE_FILES = (
@@ -43,11 +44,18 @@ SIDE_FILES = (
 class Manifest:
     format: str  # safetensors | gguf
     files: tuple[FileSpans, ...]
+    hub: HubSource | None = None  # where else the files are (not part of the id)
 
     @property
     def model_id(self) -> str:
-        data = json.dumps(cattrs.unstructure(self), sort_keys=True, separators=(",", ":"))
+        content = cattrs.unstructure((self.format, self.files))
+        data = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return "dm" + hashlib.sha256(data.encode()).hexdigest()[:40]
+
+    @property
+    def on_hub_only(self) -> bool:
+        """The head holds only the headers: tensors come from the hub."""
+        return any(not s.sha256 for f in self.files for s in f.spans)
 
     @property
     def size(self) -> int:
@@ -75,13 +83,21 @@ def _layout(model: ModelDir, path: Path) -> list[tuple[int, int, str]]:
     return [(0, tensors[0][0], ""), *tensors]
 
 
-def hash_spans(path: Path, layout: list[tuple[int, int, str]]) -> FileSpans:
-    """Raises:
+def hash_spans(
+    path: Path, layout: list[tuple[int, int, str]], stub_sha256: str | None = None
+) -> FileSpans:
+    """The spans of ``layout`` with their hashes; of a stub (``stub_sha256``, the
+    file's hash on the hub), the header's only: its tensors are holes.
+
+    Raises:
     OSError
     """
     spans = []
     with path.open("rb") as f:
         for begin, end, name in layout:
+            if stub_sha256 is not None and name:
+                spans.append(Span(begin, end, "", name))
+                continue
             f.seek(begin)
             digest, left = hashlib.sha256(), end - begin
             while left and (block := f.read(min(left, 8 << 20))):
@@ -89,7 +105,7 @@ def hash_spans(path: Path, layout: list[tuple[int, int, str]]) -> FileSpans:
                 left -= len(block)
             spans.append(Span(begin, end, digest.hexdigest(), name))
         size = f.seek(0, 2)
-    return FileSpans(path.name, size, tuple(spans))
+    return FileSpans(path.name, size, tuple(spans), stub_sha256 or "")
 
 
 def _model_files(model: ModelDir) -> list[Path]:
@@ -107,8 +123,14 @@ def build_manifest(model: ModelDir) -> Manifest:
     Raises:
         OSError
     """
-    files = tuple(hash_spans(p, _layout(model, p)) for p in _model_files(model))
-    return Manifest(model.format, files)
+    stub = stub_hashes(model.path)
+    files = tuple(
+        hash_spans(p, _layout(model, p), None if stub is None else stub.get(p.name, ""))
+        if stub is not None and p.name in stub
+        else hash_spans(p, _layout(model, p))
+        for p in _model_files(model)
+    )
+    return Manifest(model.format, files, hub_source(model.path))
 
 
 def manifest_for(model: ModelDir, cache_dir: Path) -> Manifest:

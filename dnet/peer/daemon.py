@@ -14,6 +14,7 @@ import logging
 import tempfile
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from contextlib import suppress
 from functools import partial
 from pathlib import Path
@@ -30,10 +31,12 @@ from dnet.errors import (
 from dnet.identity import Identity, verify_signature
 from dnet.models.model_dir import ModelDir, open_model_dir
 from dnet.models.model_profile import check_budget
+from dnet.peer.disk import make_room, touch
 from dnet.peer.measuring import PeerMeasurements
 from dnet.peer.outbox import Outbox
 from dnet.peer.request_work import PREFILL_SLICE_S, RATE_WINDOW_S, RequestMeta, RequestWork
-from dnet.peer.weights import SpanFetches, WeightStore
+from dnet.peer.sources import SpanFetches, hub_source
+from dnet.peer.weights import WeightStore
 from dnet.peer.work import WorkQueue
 from dnet.protocol.codec import ProtocolError
 from dnet.protocol.messages import (
@@ -41,6 +44,7 @@ from dnet.protocol.messages import (
     Cancel,
     EndRequest,
     Error,
+    FetchProgress,
     Follow,
     Loaded,
     LoadProgress,
@@ -85,6 +89,9 @@ class PeerDaemon(RequestWork):
         state_dir: Path | None = None,
         max_memory: int | None = None,
         weights_dir: Path | None = None,
+        local_dirs: Sequence[Path] = (),
+        hf_cache: Path | None = None,
+        max_disk: int | None = None,
     ) -> None:
         self.identity = identity
         self.peer_id = identity.peer_id
@@ -118,10 +125,11 @@ class PeerDaemon(RequestWork):
         )
         self._load_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
-        # Weights by content, fetched from the head that loads a slice; without a
-        # directory, a temporary one for the daemon's life.
+        # Weights by content, from local copies, the hub, or the head that loads a
+        # slice; without a directory, a temporary one for the daemon's life.
         self._weights_dir = weights_dir
-        self.weights = WeightStore(weights_dir or Path("."))
+        self.weights = WeightStore(weights_dir or Path("."), local_dirs, hf_cache)
+        self.max_disk = max_disk
         self._fetches = SpanFetches()
 
     # -- running -----------------------------------------------------------------
@@ -273,11 +281,7 @@ class PeerDaemon(RequestWork):
                     token.run_sync_soon(self._to_controller, LoadProgress(msg.model, done, total))
 
             fetched = self.weights.fetched_bytes
-            fetch = self._fetches.fetcher(controller, msg.model_id)
-            directory = await self.weights.ensure(msg.model_id, msg.files, fetch, headers_only=True)
-            model = await trio.to_thread.run_sync(open_model_dir, directory)
-            self._check_budget(model, msg)
-            await self.weights.ensure(msg.model_id, msg.files, fetch)
+            model = await self._fetch_weights(msg, controller)
             fetched = self.weights.fetched_bytes - fetched
             layer_slice = await self._compute.run(
                 load_slice, model, msg.start, msg.end, progress, msg.compute_dtype
@@ -299,6 +303,42 @@ class PeerDaemon(RequestWork):
             seconds = time.perf_counter() - started
             log.info("loaded %s layers [%d, %d) in %.2fs", msg.model, msg.start, msg.end, seconds)
             return Loaded(msg.model, msg.start, msg.end, layer_slice.weight_bytes, seconds, fetched)
+
+    async def _fetch_weights(self, msg: LoadSlice, controller: Connection | None) -> ModelDir:
+        """The slice's files, verified in the store: headers first (to check the
+        budget before a tensor's byte comes), then its tensors, from a local copy,
+        the hub, or the head, in that order; progress goes to the head."""
+        sources = [self._fetches.source(controller, msg.model_id)]
+        if msg.hub is not None:
+            sources.insert(0, hub_source(msg.hub))
+
+        def progress(source: str, done: int, total: int, rate: float) -> None:
+            if controller is not None:
+                self._to_controller(FetchProgress(msg.model_id, source, done, total, rate))
+
+        ensure = partial(self.weights.ensure, msg.model_id, msg.files, sources, hub=msg.hub)
+        directory = await ensure(headers_only=True)
+        model = await trio.to_thread.run_sync(open_model_dir, directory)
+        self._check_budget(model, msg)
+        if self.max_disk is not None:
+            await trio.to_thread.run_sync(self._make_disk_room, msg)
+        else:
+            await trio.to_thread.run_sync(touch, self.weights.root, msg.model_id)
+        await ensure(progress=progress)
+        return model
+
+    def _make_disk_room(self, msg: LoadSlice) -> None:
+        """Evict models not loaded, least recently used first, until this slice fits
+        in ``--max-disk``.
+
+        Raises:
+            OverDiskBudget
+        """
+        assert self.max_disk is not None
+        need = sum(s.end - s.begin for f in msg.files for s in f.spans)
+        evicted = make_room(self.weights.root, msg.model_id, need, self.max_disk)
+        if evicted:
+            log.info("evicted %s to keep --max-disk", ", ".join(evicted))
 
     def _check_budget(self, model: ModelDir, msg: LoadSlice) -> None:
         """Refuse a slice over this peer's budget before fetching or reading a byte

@@ -120,7 +120,10 @@ class LinkReport:
 @attrs.frozen
 class Span:
     """Bytes ``[begin, end)`` of a model file and their SHA-256 (hex): a tensor's
-    data (``name``), or a file's header or a small file whole (``name`` empty)."""
+    data (``name``), or a file's header or a small file whole (``name`` empty). The
+    hash is empty for a tensor of a hub model whose head read only the headers: the
+    file's hash (``FileSpans.sha256``) names its bytes, and a peer keeps the hash of
+    what it fetched to check its store against later."""
 
     begin: int
     end: int
@@ -135,6 +138,16 @@ class FileSpans:
     name: str
     size: int
     spans: tuple[Span, ...]
+    sha256: str = ""  # of the whole file, where known (the hub's LFS hash)
+
+
+@attrs.frozen
+class HubSource:
+    """Where the hub has a model: a repo at a commit. Peers use their own endpoint
+    (``HF_ENDPOINT``) and token."""
+
+    repo_id: str
+    revision: str
 
 
 @attrs.frozen
@@ -163,6 +176,7 @@ class LoadSlice:
     # slice reads. ``model`` only names it in logs: a peer never opens it.
     model_id: str = ""
     files: tuple[FileSpans, ...] = ()
+    hub: HubSource | None = None  # the hub has these files too (by range)
 
 
 @attrs.frozen
@@ -200,6 +214,19 @@ class LoadProgress:
     model: str
     done: int
     total: int
+
+
+@attrs.frozen
+class FetchProgress:
+    """Sent to the controller while a slice's weights arrive: ``done`` of ``total``
+    bytes this load lacked, now coming from ``source`` (``local copy``, ``hub``,
+    ``head``) at ``rate`` bytes/s."""
+
+    model_id: str
+    source: str
+    done: int
+    total: int
+    rate: float = 0.0
 
 
 @attrs.frozen
@@ -332,6 +359,7 @@ Message = (
     | SpanData
     | Follow
     | LoadProgress
+    | FetchProgress
     | Loaded
     | Unload
     | Unloaded

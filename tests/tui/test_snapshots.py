@@ -97,7 +97,16 @@ LOADING = copy.deepcopy(LOADED)
 LOADING.status["head"].update(
     state="loading", tokens_per_s=0.0, active_requests=0, pending_model="/models/Qwen3-8B-4bit"
 )
-LOADING.status["head"]["load_progress"] = {IDS[0]: [14, 24], IDS[1]: [3, 12]}
+LOADING.status["head"]["load_progress"] = {
+    IDS[0]: {"phase": "reading", "done": 14, "total": 24, "source": "", "rate": 0.0},
+    IDS[1]: {
+        "phase": "fetching",
+        "done": 1_200_000_000,
+        "total": 4_800_000_000,
+        "source": "hub",
+        "rate": 41_500_000.0,
+    },
+}
 LOADING.status["model"] = None
 
 LOG_LINES = [
