@@ -62,6 +62,12 @@ class OverDiskBudget(DnetError):
     code = "over_disk_budget"
 
 
+class LoadCancelled(DnetError):
+    """A load was called off (an unload came) before it finished."""
+
+    code = "load_cancelled"
+
+
 class LayerRangeError(DnetError):
     """A layer range is empty or outside ``[0, num_layers]``."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import pytest
 from dnet.runtime.tiny import TinySpec, ensure_tiny_model
 
 from .processes import CLUSTER_KEY, PeerProcess
+
+# Nothing in a test reaches the real hub: a repo id that is not a stand-in's goes to
+# a closed loopback port (and is refused at once), here and in every child process.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,12 @@ class ConsoleProcess:
 
 @asynccontextmanager
 async def open_peers(
-    n: int, *, key: bytes = CLUSTER_KEY, idle_timeout: float = 600.0, max_memory: int | None = None
+    n: int,
+    *,
+    key: bytes = CLUSTER_KEY,
+    idle_timeout: float = 600.0,
+    max_memory: int | None = None,
+    max_disk: int | None = None,
 ) -> AsyncIterator[list[tuple[str, PeerDaemon]]]:
     """``n`` peer daemons in this Trio process, each with its own compute thread
     (and ``max_memory``, their ``--max-memory``)."""
@@ -107,6 +112,7 @@ async def open_peers(
                 name=f"p{i}",
                 request_idle_timeout_s=idle_timeout,
                 max_memory=max_memory,
+                max_disk=max_disk,
             )
             port = await nursery.start(daemon.run, "127.0.0.1", 0)
             peers.append((f"ws://127.0.0.1:{port}/dnet/2", daemon))

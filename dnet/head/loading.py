@@ -113,7 +113,7 @@ async def load_slices(
     results: list[Loaded | None] = [None] * len(plan)
     errors: list[DnetError] = []
 
-    async def load_one(i: int) -> None:
+    async def load_one(i: int, cancel: trio.CancelScope) -> None:
         message = attrs.evolve(
             slice_message(model, manifest, plan, order, i),
             max_context=max_context,
@@ -123,6 +123,7 @@ async def load_slices(
             results[i] = await order[i].call(message, Loaded)
         except DnetError as exc:
             errors.append(exc)
+            cancel.cancel()  # the others wait for nothing: their peers are unloaded below
 
     def progress(client: PeerClient, msg: LoadProgress | FetchProgress) -> None:
         if on_progress is None:
@@ -138,7 +139,7 @@ async def load_slices(
     try:
         async with trio.open_nursery() as nursery:
             for i in range(len(plan)):
-                nursery.start_soon(load_one, i)
+                nursery.start_soon(load_one, i, nursery.cancel_scope)
         if errors:
             raise errors[0]
     except BaseException:

@@ -180,7 +180,7 @@ def slice_files(manifest: Manifest, model: ModelDir, start: int, end: int) -> tu
     """``slice_spans`` as the files a ``LoadSlice`` names."""
     spans = slice_spans(manifest, model, start, end)
     return tuple(
-        FileSpans(f.name, f.size, tuple(spans[f.name])) for f in manifest.files if spans[f.name]
+        attrs.evolve(f, spans=tuple(spans[f.name])) for f in manifest.files if spans[f.name]
     )
 
 

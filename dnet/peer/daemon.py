@@ -26,6 +26,7 @@ import trio
 from dnet.errors import (
     DnetError,
     LayerRangeError,
+    LoadCancelled,
     PeerUnavailable,
 )
 from dnet.identity import Identity, verify_signature
@@ -124,6 +125,7 @@ class PeerDaemon(RequestWork):
             lambda: self.loaded.next_peer_id if self.loaded else None,
         )
         self._load_lock = trio.Lock()
+        self._loading: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         # Weights by content, from local copies, the hub, or the head that loads a
         # slice; without a directory, a temporary one for the daemon's life.
@@ -244,7 +246,10 @@ class PeerDaemon(RequestWork):
             self.controller = conn
             return await self._load(message)
         if isinstance(message, Unload):
-            await self._unload()
+            if self._loading is not None:  # a load under way stops first
+                self._loading.cancel()
+            async with self._load_lock:
+                await self._unload()
             return Unloaded()
         if isinstance(message, Follow):
             # Any authenticated peer may ask; only the plan's next peer is used.
@@ -265,44 +270,56 @@ class PeerDaemon(RequestWork):
     # -- loading ---------------------------------------------------------------
 
     async def _load(self, msg: LoadSlice) -> Loaded:
+        """Raises:
+        LoadCancelled (an Unload came first), and what loading raises
+        """
         async with self._load_lock:
+            with trio.CancelScope() as self._loading:
+                try:
+                    return await self._load_locked(msg)
+                finally:
+                    self._loading = None
             await self._unload()
-            started = time.perf_counter()
-            if not msg.is_first and not (msg.prev_address and msg.prev_peer_id):
-                raise LayerRangeError("a slice that is not first needs its previous peer")
-            if not msg.is_last and not msg.next_peer_id:
-                raise LayerRangeError("a slice that is not last needs its next peer")
-            token = trio.lowlevel.current_trio_token()
-            controller = self.controller
+            raise LoadCancelled(f"the load of layers [{msg.start}, {msg.end}) was called off")
 
-            def progress(done: int, total: int) -> None:
-                # On the compute thread: queue the message for the sender task.
-                if controller is not None:
-                    token.run_sync_soon(self._to_controller, LoadProgress(msg.model, done, total))
+    async def _load_locked(self, msg: LoadSlice) -> Loaded:
+        await self._unload()
+        started = time.perf_counter()
+        if not msg.is_first and not (msg.prev_address and msg.prev_peer_id):
+            raise LayerRangeError("a slice that is not first needs its previous peer")
+        if not msg.is_last and not msg.next_peer_id:
+            raise LayerRangeError("a slice that is not last needs its next peer")
+        token = trio.lowlevel.current_trio_token()
+        controller = self.controller
 
-            fetched = self.weights.fetched_bytes
-            model = await self._fetch_weights(msg, controller)
-            fetched = self.weights.fetched_bytes - fetched
-            layer_slice = await self._compute.run(
-                load_slice, model, msg.start, msg.end, progress, msg.compute_dtype
+        def progress(done: int, total: int) -> None:
+            # On the compute thread: queue the message for the sender task.
+            if controller is not None:
+                token.run_sync_soon(self._to_controller, LoadProgress(msg.model, done, total))
+
+        fetched = self.weights.fetched_bytes
+        model = await self._fetch_weights(msg, controller)
+        fetched = self.weights.fetched_bytes - fetched
+        layer_slice = await self._compute.run(
+            load_slice, model, msg.start, msg.end, progress, msg.compute_dtype
+        )
+        if layer_slice.is_first != msg.is_first or layer_slice.is_last != msg.is_last:
+            raise LayerRangeError(
+                f"layers [{msg.start}, {msg.end}) of {layer_slice.model.num_layers}: "
+                f"first={layer_slice.is_first} last={layer_slice.is_last}, the plan says "
+                f"first={msg.is_first} last={msg.is_last}"
             )
-            if layer_slice.is_first != msg.is_first or layer_slice.is_last != msg.is_last:
-                raise LayerRangeError(
-                    f"layers [{msg.start}, {msg.end}) of {layer_slice.model.num_layers}: "
-                    f"first={layer_slice.is_first} last={layer_slice.is_last}, the plan says "
-                    f"first={msg.is_first} last={msg.is_last}"
-                )
-            if not msg.is_first:
-                assert msg.prev_address and msg.prev_peer_id
-                await self._follow(msg.prev_address, msg.prev_peer_id)
-            self.engine = SliceEngine(layer_slice, max_context=msg.max_context)
-            self._step_s = self._step_rows = 0.0
-            self.loaded = msg
-            if not msg.is_last:
-                await self._wait_for_follower(msg.next_peer_id or "")
-            seconds = time.perf_counter() - started
-            log.info("loaded %s layers [%d, %d) in %.2fs", msg.model, msg.start, msg.end, seconds)
-            return Loaded(msg.model, msg.start, msg.end, layer_slice.weight_bytes, seconds, fetched)
+        if not msg.is_first:
+            assert msg.prev_address and msg.prev_peer_id
+            await self._follow(msg.prev_address, msg.prev_peer_id)
+        self.engine = SliceEngine(layer_slice, max_context=msg.max_context)
+        self._step_s = self._step_rows = 0.0
+        self.loaded = msg
+        if not msg.is_last:
+            await self._wait_for_follower(msg.next_peer_id or "")
+        seconds = time.perf_counter() - started
+        log.info("loaded %s layers [%d, %d) in %.2fs", msg.model, msg.start, msg.end, seconds)
+        return Loaded(msg.model, msg.start, msg.end, layer_slice.weight_bytes, seconds, fetched)
 
     async def _fetch_weights(self, msg: LoadSlice, controller: Connection | None) -> ModelDir:
         """The slice's files, verified in the store: headers first (to check the

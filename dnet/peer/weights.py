@@ -233,9 +233,8 @@ class WeightStore:
         tracker: _Tracker,
     ) -> None:
         path = directory / f.name
-        if path.is_symlink():  # a local copy that no longer matches: never write to it
-            path.unlink()
-            await trio.to_thread.run_sync(_make_room, path, f, have)
+        if path.is_symlink():  # a copy that lacks these spans' proof: never write to it
+            await trio.to_thread.run_sync(_unlink_copy, path, f, have)
         for run in _runs(spans):
             errors = []
             for source in sources:
@@ -361,14 +360,40 @@ def _make_room(path: Path, f: FileSpans, have: dict[Key, str]) -> None:
         del have[key]
 
 
+def _unlink_copy(path: Path, f: FileSpans, have: dict[Key, str]) -> None:
+    """Put a sparse file of the store in place of the link at ``path``, holding the
+    spans verified in the linked copy."""
+    tmp = path.with_name(f"{f.name}.{os.getpid()}.tmp")
+    with path.open("rb") as copy, tmp.open("wb") as out:
+        out.truncate(f.size)
+        for name, begin, end in have:
+            if name == f.name:
+                copy.seek(begin)
+                out.seek(begin)
+                left = end - begin
+                while left and (block := copy.read(min(left, HASH_BLOCK))):
+                    out.write(block)
+                    left -= len(block)
+    tmp.replace(path)
+
+
 def _copy_hashes(copy: Path, f: FileSpans, spans: Sequence[Span]) -> list[str] | None:
     """The hashes of ``spans`` in ``copy``, if each matches the manifest: by its own
     hash, or (a span whose hash the manifest lacks) by the copy being the HF
     cache's blob of the file's hash."""
+    if any(not s.sha256 for s in spans):
+        # Spans the manifest has no hash of: the copy must be the file the hub
+        # names by its hash (HF's cache names blobs so; else hash it whole).
+        if not f.sha256:
+            return None
+        if copy.name != f.sha256:
+            try:
+                if hash_range(copy, 0, f.size) != f.sha256:
+                    return None
+            except OSError:
+                return None
     hashes = []
     for span in spans:
-        if not span.sha256 and not (f.sha256 and copy.name == f.sha256):
-            return None
         try:
             found = hash_range(copy, span.begin, span.end)
         except OSError:

@@ -4,12 +4,14 @@ fetches only its slice's tensors by range, verified and kept."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from contextlib import aclosing
 
 import pytest
 import trio
 
+from dnet.errors import ModelNotFound, PeerError
 from dnet.head.cluster import open_cluster
 from dnet.head.loading import PlanEntry
 from dnet.identity import Identity
@@ -17,8 +19,9 @@ from dnet.models.hub import MARKER
 from dnet.models.manifest import build_manifest, slice_spans
 from dnet.models.model_dir import open_model_dir
 from dnet.peer.process import stop_all
+from dnet.protocol.messages import Status, StatusRequest
 
-from ..hub_standin import StandInHub
+from ..hub_standin import COMMIT, StandInHub
 from ..processes import CLUSTER_KEY, PeerProcess
 from .test_ring import chat, reference
 
@@ -104,5 +107,139 @@ async def test_a_ring_loads_a_model_only_the_hub_has(repo, tmp_path, monkeypatch
                 assert [r.fetched_bytes for r in again.loaded] == [0, 0]
                 assert [hub0.total, hub1.total] == before
                 assert await generate(again, prompt) == expected
+                # A flipped byte in what came from the hub (no hash in the manifest:
+                # the peer kept the one it computed) is found and fetched again.
+                model_id = (await trio.to_thread.run_sync(build_manifest, model)).model_id
+                victim = next(s for s in slices[1]["model.safetensors"] if "layers.5." in s.name)
+                stored = tmp_path / "state1/weights" / model_id / "model.safetensors"
+                flip(stored, victim.begin + 7)
+                await again.unload()
+                third = await cluster.load(model, plan)
+                assert [r.fetched_bytes for r in third.loaded] == [0, victim.end - victim.begin]
+                assert await generate(third, prompt) == expected
+        finally:
+            stop_all(peers)
+
+
+def flip(path, at):
+    with path.open("r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+def hf_cache_copy(home, repo):
+    """``repo`` in the HF cache under ``home``, laid out as huggingface_hub does:
+    snapshot files linking to blobs named by their hash."""
+    import hashlib
+
+    cache = home / ".cache/huggingface/hub" / f"models--{REPO.replace('/', '--')}"
+    snapshot = cache / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (cache / "blobs").mkdir()
+    for f in repo.iterdir():
+        blob = cache / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, blob)
+        (snapshot / f.name).symlink_to(blob)
+
+
+async def test_peers_use_copies_they_already_have(repo, tmp_path, monkeypatch):
+    """One peer has the repo in its HF cache, the other a copy in --models-dir:
+    neither downloads a tensor, from the hub or the head."""
+    prompt = chat(repo)
+    expected = reference(repo, prompt, N)
+    hf_cache_copy(tmp_path / "home0", repo)
+    shutil.copytree(repo, tmp_path / "models/tiny")
+    key = tmp_path / "cluster.key"
+    key.write_text(CLUSTER_KEY.hex())
+    with StandInHub({REPO: repo}) as head_hub, StandInHub({REPO: repo}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", head_hub.endpoint)
+        env = {"HF_ENDPOINT": hub.endpoint}
+        home0 = {
+            "HOME": str(tmp_path / "home0"),
+            "HF_HOME": str(tmp_path / "home0/.cache/huggingface"),
+        }
+        home1 = {
+            "HOME": str(tmp_path / "home1"),
+            "HF_HOME": str(tmp_path / "home1/.cache/huggingface"),
+        }
+        peers = [PeerProcess(tmp_path / "state0", key, "cached", env={**env, **home0})]
+        try:
+            peers.append(
+                PeerProcess(
+                    tmp_path / "state1",
+                    key,
+                    "copied",
+                    "--models-dir",
+                    str(tmp_path / "models"),
+                    env={**env, **home1},
+                )
+            )
+            async with open_cluster(
+                [p.address for p in peers],
+                Identity.generate(),
+                CLUSTER_KEY,
+                cache_dir=tmp_path / "head-cache",
+            ) as cluster:
+                plan = [
+                    PlanEntry(p.peer_id, s, e)
+                    for p, (s, e) in zip(cluster.peers, CUTS, strict=True)
+                ]
+                for ref in (REPO, repo):  # from the hub's stub; from the head's own copy
+                    model = await cluster.open_model(str(ref))
+                    with trio.fail_after(120):
+                        ring = await cluster.load(model, plan)
+                    assert [r.fetched_bytes for r in ring.loaded] == [0, 0]
+                    assert hub.sent["model.safetensors"] == 0
+                    assert await generate(ring, prompt) == expected
+                    await ring.unload()
+        finally:
+            stop_all(peers)
+
+
+async def test_a_repo_the_hub_cannot_give_is_not_found(tmp_path):
+    async with open_cluster([], Identity.generate(), CLUSTER_KEY, cache_dir=tmp_path) as cluster:
+        with trio.fail_after(30), pytest.raises(ModelNotFound, match="the hub cannot give it"):
+            await cluster.open_model("dnet-test/no-such-model")
+    with StandInHub({}) as hub:
+        os.environ["HF_ENDPOINT"], old = hub.endpoint, os.environ["HF_ENDPOINT"]
+        try:
+            async with open_cluster(
+                [], Identity.generate(), CLUSTER_KEY, cache_dir=tmp_path
+            ) as cluster:
+                with pytest.raises(ModelNotFound, match="dnet-test/no-such-model"):
+                    await cluster.open_model("dnet-test/no-such-model")
+        finally:
+            os.environ["HF_ENDPOINT"] = old
+
+
+async def test_a_slice_no_source_can_give_fails_the_load_at_once(repo, tmp_path, monkeypatch):
+    """A hub that ignores byte ranges, and a head with only the headers: the load
+    fails in seconds (not after the next peer's wait), saying what each source said,
+    and nothing stays loaded."""
+    with StandInHub({REPO: repo}) as head_hub, StandInHub({REPO: repo}, ranges=False) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", head_hub.endpoint)
+        peers = peers_with_own_homes(tmp_path, [hub, hub])
+        try:
+            async with open_cluster(
+                [p.address for p in peers],
+                Identity.generate(),
+                CLUSTER_KEY,
+                cache_dir=tmp_path / "head-cache",
+            ) as cluster:
+                model = await cluster.open_model(REPO)
+                plan = [
+                    PlanEntry(p.peer_id, s, e)
+                    for p, (s, e) in zip(cluster.peers, CUTS, strict=True)
+                ]
+                with trio.fail_after(30), pytest.raises(PeerError) as failed:
+                    await cluster.load(model, plan)
+                assert "no source gave bytes" in failed.value.message
+                assert "hub: the hub answered 200" in failed.value.message
+                assert "head: the head cannot send" in failed.value.message
+                assert cluster.ring is None
+                statuses = [await p.call(StatusRequest(), Status) for p in cluster.peers]
+                assert [s.layers for s in statuses] == [None, None]
         finally:
             stop_all(peers)

@@ -149,3 +149,25 @@ async def test_a_peer_never_opens_a_path_it_is_sent(model):
             with trio.fail_after(10):
                 status, _ = await head.receive()
             assert status.layers is None
+
+
+async def test_load_progress_tells_bytes_source_and_rate_then_reading(model, monkeypatch):
+    monkeypatch.setattr(spans_module, "PIECE_BYTES", 32 << 10)
+    manifest = build_manifest(model)
+    tensors = [slice_spans(manifest, model, s, e) for s, e in CUTS]
+    expected = [sum(s.end - s.begin for v in t.values() for s in v if s.name) for t in tensors]
+    steps = []
+    async with (
+        open_peers(2) as peers,
+        open_cluster([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as cluster,
+    ):
+        p = plan(cluster)
+        await cluster.load(model, p, on_progress=lambda pid, step: steps.append((pid, step)))
+        for entry, total in zip(p, expected, strict=True):
+            mine = [s for pid, s in steps if pid == entry.peer_id]
+            fetching = [s for s in mine if s.phase == "fetching"]
+            assert fetching and all(s.source == "head" and s.total == total for s in fetching)
+            assert fetching[-1].done == total and fetching[-1].rate > 0
+            assert [s.done for s in fetching] == sorted(s.done for s in fetching)
+            reading = [i for i, s in enumerate(mine) if s.phase == "reading"]
+            assert reading and min(reading) > mine.index(fetching[-1])  # fetched, then read
