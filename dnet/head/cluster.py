@@ -172,7 +172,7 @@ class Cluster:
             model = await self.open_model(model)
         check_plan(plan, model.num_layers)
         order = [self.peer(e.peer_id) for e in plan]
-        manifest = await trio.to_thread.run_sync(self._manifest, model)
+        manifest = await self.manifest(model)
         eos = model.config.get("eos_token_id")
         tokenizer = await trio.to_thread.run_sync(load_tokenizer, model.path, eos)
         if self.ring is not None:
@@ -220,6 +220,10 @@ class Cluster:
         """
         cache = self._cache_dir or default_cache_dir(os.environ)
         return await trio.to_thread.run_sync(open_model, ref, cache)
+
+    async def manifest(self, model: ModelDir) -> Manifest:
+        """``model``'s manifest (hashed once: kept in the cache dir)."""
+        return await trio.to_thread.run_sync(self._manifest, model)
 
     def _manifest(self, model: ModelDir) -> Manifest:
         if self._cache_dir is None:

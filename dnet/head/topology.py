@@ -17,9 +17,10 @@ from dnet.errors import InvalidRequest
 from dnet.head.cluster import Cluster
 from dnet.head.loaded_ring import LoadedRing
 from dnet.head.loading import PlanEntry, Progress
+from dnet.models.manifest import slice_spans
 from dnet.models.model_dir import ModelDir
 from dnet.models.model_profile import model_profile
-from dnet.protocol.messages import LinkReport, ProbeLink, Profile, ProfileRequest
+from dnet.protocol.messages import Have, HaveRequest, LinkReport, ProbeLink, Profile, ProfileRequest
 from dnet.solver.plan import Plan
 from dnet.solver.profiles import HEAD, DeviceProfile, LinkProfile
 from dnet.solver.solve import solve
@@ -39,7 +40,11 @@ class TopologyAssignment:
     next_peer_id: str | None
     predicted_stage_s: float
     predicted_memory_bytes: int
-    predicted_load_s: float | None  # weights over the measured disk read rate
+    predicted_load_s: float | None  # fetching what it lacks + reading its weights
+    predicted_fetch_bytes: int = 0  # of its slice's spans, what its store lacks
+    # Those bytes over the head's measured link to it; None: they come from the hub
+    # first (no rate known), or there is no link measure.
+    predicted_fetch_s: float | None = None
 
 
 @attrs.frozen
@@ -167,7 +172,45 @@ async def prepare_topology(
     )
     addresses = {p.peer_id: p.address for p in cluster.peers}
     topology = _topology(info, plan, devices, addresses, objective, context, compute_dtype)
+    topology = await _with_fetches(cluster, info, topology, links)
     return attrs.evolve(topology, name=model if isinstance(model, str) else str(info.path))
+
+
+async def _with_fetches(
+    cluster: Cluster,
+    info: ModelDir,
+    topology: Topology,
+    links: dict[tuple[str, str], LinkProfile],
+) -> Topology:
+    """The topology with each peer's predicted fetch: the spans of its slice its
+    store lacks (it says which it holds), over the head's link to it."""
+    manifest = await cluster.manifest(info)
+    assignments = []
+    for a in topology.assignments:
+        spans = slice_spans(manifest, info, a.start, a.end)
+        have = await cluster.peer(a.peer_id).call(HaveRequest(manifest.model_id), Have)
+        held = set(have.spans)
+        lacking = sum(
+            s.end - s.begin
+            for name, v in spans.items()
+            for s in v
+            if (name, s.begin, s.end) not in held
+        )
+        link = links.get((HEAD, a.peer_id))
+        fetch_s = (
+            None
+            if manifest.hub is not None or link is None or link.bandwidth_bytes_s <= 0
+            else (link.transfer_s(lacking) if lacking else 0.0)
+        )
+        load_s = a.predicted_load_s
+        if load_s is not None and lacking:
+            load_s = None if fetch_s is None else load_s + fetch_s
+        assignments.append(
+            attrs.evolve(
+                a, predicted_fetch_bytes=lacking, predicted_fetch_s=fetch_s, predicted_load_s=load_s
+            )
+        )
+    return attrs.evolve(topology, assignments=tuple(assignments))
 
 
 def _topology(

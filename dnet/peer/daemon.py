@@ -25,18 +25,13 @@ import trio
 
 from dnet.errors import (
     DnetError,
-    LayerRangeError,
-    LoadCancelled,
-    PeerUnavailable,
 )
 from dnet.identity import Identity, verify_signature
-from dnet.models.model_dir import ModelDir, open_model_dir
-from dnet.models.model_profile import check_budget
-from dnet.peer.disk import make_room, touch
 from dnet.peer.measuring import PeerMeasurements
 from dnet.peer.outbox import Outbox
 from dnet.peer.request_work import PREFILL_SLICE_S, RATE_WINDOW_S, RequestMeta, RequestWork
-from dnet.peer.sources import SpanFetches, hub_source
+from dnet.peer.slice_loading import SliceLoading
+from dnet.peer.sources import SpanFetches
 from dnet.peer.weights import WeightStore
 from dnet.peer.work import WorkQueue
 from dnet.protocol.codec import ProtocolError
@@ -45,10 +40,9 @@ from dnet.protocol.messages import (
     Cancel,
     EndRequest,
     Error,
-    FetchProgress,
     Follow,
-    Loaded,
-    LoadProgress,
+    Have,
+    HaveRequest,
     LoadSlice,
     Message,
     Ping,
@@ -64,19 +58,16 @@ from dnet.protocol.messages import (
     Unloaded,
 )
 from dnet.runtime.compute import ComputeThread
-from dnet.runtime.device_profile import release_memory
 from dnet.runtime.engine import SliceEngine
-from dnet.runtime.slice import load_slice
-from dnet.transport.connection import Connection, open_connection, serve_connections
+from dnet.transport.connection import Connection, serve_connections
 from dnet.transport.links import LinkClosed
 
 log = logging.getLogger(__name__)
 
-FOLLOW_TIMEOUT_S = 120.0  # the next peer may still be reading its weights
 REQUEST_WORK = (StartRequest, Activation, Step, EndRequest, Cancel)
 
 
-class PeerDaemon(RequestWork):
+class PeerDaemon(RequestWork, SliceLoading):
     """One peer. Use ``run`` inside a nursery; it reports its port when listening."""
 
     def __init__(
@@ -240,6 +231,9 @@ class PeerDaemon(RequestWork):
             return self.status()
         if isinstance(message, ProfileRequest):
             return await self.measurements.profile(message.dtype, message.hidden)
+        if isinstance(message, HaveRequest):
+            held = await trio.to_thread.run_sync(self.weights.held, message.model_id)
+            return Have(message.model_id, held)
         if isinstance(message, ProbeLink):
             return await self.measurements.probe(message)
         if isinstance(message, LoadSlice):
@@ -266,160 +260,6 @@ class PeerDaemon(RequestWork):
             return None
         conn = self._followers.get(loaded.next_peer_id)
         return conn if conn is not None and not conn.closed else None
-
-    # -- loading ---------------------------------------------------------------
-
-    async def _load(self, msg: LoadSlice) -> Loaded:
-        """Raises:
-        LoadCancelled (an Unload came first), and what loading raises
-        """
-        async with self._load_lock:
-            with trio.CancelScope() as self._loading:
-                try:
-                    return await self._load_locked(msg)
-                finally:
-                    self._loading = None
-            await self._unload()
-            raise LoadCancelled(f"the load of layers [{msg.start}, {msg.end}) was called off")
-
-    async def _load_locked(self, msg: LoadSlice) -> Loaded:
-        await self._unload()
-        started = time.perf_counter()
-        if not msg.is_first and not (msg.prev_address and msg.prev_peer_id):
-            raise LayerRangeError("a slice that is not first needs its previous peer")
-        if not msg.is_last and not msg.next_peer_id:
-            raise LayerRangeError("a slice that is not last needs its next peer")
-        token = trio.lowlevel.current_trio_token()
-        controller = self.controller
-
-        def progress(done: int, total: int) -> None:
-            # On the compute thread: queue the message for the sender task.
-            if controller is not None:
-                token.run_sync_soon(self._to_controller, LoadProgress(msg.model, done, total))
-
-        fetched = self.weights.fetched_bytes
-        model = await self._fetch_weights(msg, controller)
-        fetched = self.weights.fetched_bytes - fetched
-        layer_slice = await self._compute.run(
-            load_slice, model, msg.start, msg.end, progress, msg.compute_dtype
-        )
-        if layer_slice.is_first != msg.is_first or layer_slice.is_last != msg.is_last:
-            raise LayerRangeError(
-                f"layers [{msg.start}, {msg.end}) of {layer_slice.model.num_layers}: "
-                f"first={layer_slice.is_first} last={layer_slice.is_last}, the plan says "
-                f"first={msg.is_first} last={msg.is_last}"
-            )
-        if not msg.is_first:
-            assert msg.prev_address and msg.prev_peer_id
-            await self._follow(msg.prev_address, msg.prev_peer_id)
-        self.engine = SliceEngine(layer_slice, max_context=msg.max_context)
-        self._step_s = self._step_rows = 0.0
-        self.loaded = msg
-        if not msg.is_last:
-            await self._wait_for_follower(msg.next_peer_id or "")
-        seconds = time.perf_counter() - started
-        log.info("loaded %s layers [%d, %d) in %.2fs", msg.model, msg.start, msg.end, seconds)
-        return Loaded(msg.model, msg.start, msg.end, layer_slice.weight_bytes, seconds, fetched)
-
-    async def _fetch_weights(self, msg: LoadSlice, controller: Connection | None) -> ModelDir:
-        """The slice's files, verified in the store: headers first (to check the
-        budget before a tensor's byte comes), then its tensors, from a local copy,
-        the hub, or the head, in that order; progress goes to the head."""
-        sources = [self._fetches.source(controller, msg.model_id)]
-        if msg.hub is not None:
-            sources.insert(0, hub_source(msg.hub))
-
-        def progress(source: str, done: int, total: int, rate: float) -> None:
-            if controller is not None:
-                self._to_controller(FetchProgress(msg.model_id, source, done, total, rate))
-
-        ensure = partial(self.weights.ensure, msg.model_id, msg.files, sources, hub=msg.hub)
-        directory = await ensure(headers_only=True)
-        model = await trio.to_thread.run_sync(open_model_dir, directory)
-        self._check_budget(model, msg)
-        if self.max_disk is not None:
-            await trio.to_thread.run_sync(self._make_disk_room, msg)
-        else:
-            await trio.to_thread.run_sync(touch, self.weights.root, msg.model_id)
-        await ensure(progress=progress)
-        return model
-
-    def _make_disk_room(self, msg: LoadSlice) -> None:
-        """Evict models not loaded, least recently used first, until this slice fits
-        in ``--max-disk``.
-
-        Raises:
-            OverDiskBudget
-        """
-        assert self.max_disk is not None
-        need = sum(s.end - s.begin for f in msg.files for s in f.spans)
-        evicted = make_room(self.weights.root, msg.model_id, need, self.max_disk)
-        if evicted:
-            log.info("evicted %s to keep --max-disk", ", ".join(evicted))
-
-    def _check_budget(self, model: ModelDir, msg: LoadSlice) -> None:
-        """Refuse a slice over this peer's budget before fetching or reading a byte
-        of its tensors.
-
-        Raises:
-            OverMemoryBudget
-        """
-        if self.max_memory:
-            context = msg.max_context or int(model.config.get("max_position_embeddings") or 4096)
-            check_budget(model, msg.start, msg.end, msg.compute_dtype, context, self.max_memory)
-
-    async def _wait_for_follower(self, peer_id: str) -> None:
-        with trio.move_on_after(FOLLOW_TIMEOUT_S):
-            while self._successor is None:
-                await self._followed.wait()
-        if self._successor is None:
-            raise PeerUnavailable(
-                f"the next peer {peer_id[:12]} did not connect within {FOLLOW_TIMEOUT_S:.0f}s"
-            )
-
-    async def _unload(self) -> None:
-        if self._predecessor_scope is not None:
-            self._predecessor_scope.cancel()
-            self._predecessor_scope = None
-        engine, self.engine, self.loaded = self.engine, None, None
-        self._meta.clear()
-        self._held.clear()
-        if engine is not None:
-            # Drop the arrays on the thread that owns them.
-            await self._compute.run(engine.expire_idle, -1.0)
-            del engine
-            await self._compute.run(release_memory)
-
-    async def _follow(self, address: str, peer_id: str) -> None:
-        """Dial the previous peer, ask for its outputs, and serve what it sends."""
-        assert self._nursery is not None
-        ready = trio.Event()
-        failure: list[BaseException] = []
-
-        async def hold() -> None:
-            with trio.CancelScope() as scope:
-                self._predecessor_scope = scope
-                try:
-                    async with open_connection(
-                        address,
-                        self.identity,
-                        self._cluster_key,
-                        verify_signature,
-                        expected_peer_id=peer_id,
-                        name=self.name,
-                    ) as conn:
-                        await conn.send(Follow())
-                        ready.set()
-                        await self._serve(conn)
-                except (DnetError, ProtocolError) as exc:
-                    failure.append(exc)
-                finally:
-                    ready.set()
-
-        self._nursery.start_soon(hold)
-        await ready.wait()
-        if failure:
-            raise PeerUnavailable(f"cannot reach the previous peer {address}: {failure[0]}")
 
     async def _reaper(self) -> None:
         period = max(1.0, min(60.0, self._idle_timeout / 4))

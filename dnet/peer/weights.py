@@ -107,6 +107,12 @@ class WeightStore:
         except (OSError, ValueError, TypeError):
             return {}
 
+    def held(self, model_id: str) -> tuple[Key, ...]:
+        """The spans of ``model_id`` verified when last loaded (for planning)."""
+        if not MODEL_ID.match(model_id):
+            return ()
+        return tuple(sorted(self._have(self.root / model_id)))
+
     def _save(self, directory: Path, have: dict[Key, str]) -> None:
         tmp = directory / f"have.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(sorted([*k, h] for k, h in have.items())))

@@ -180,6 +180,22 @@ class LoadSlice:
 
 
 @attrs.frozen
+class HaveRequest:
+    """Which spans of ``model_id`` does the peer's store hold (for planning)?"""
+
+    model_id: str
+
+
+@attrs.frozen
+class Have:
+    """The spans (file, begin, end) of ``model_id`` the store held when last
+    verified (not checked again for this answer)."""
+
+    model_id: str
+    spans: tuple[tuple[str, int, int], ...] = ()
+
+
+@attrs.frozen
 class FetchSpan:
     """A peer asks the head that is loading it for one span of a model file."""
 
@@ -355,6 +371,8 @@ Message = (
     | ProbeLink
     | LinkReport
     | LoadSlice
+    | HaveRequest
+    | Have
     | FetchSpan
     | SpanData
     | Follow

@@ -60,7 +60,9 @@ async def test_prepare_load_generate_and_the_profile_cache(tiny_model):
         ring = await load_topology(
             cluster,
             topology,
-            lambda pid, done, total: seen.setdefault(pid, []).append((done, total)),
+            lambda pid, step: (
+                step.phase == "reading" and seen.setdefault(pid, []).append((step.done, step.total))
+            ),
         )
         with trio.fail_after(5):  # progress rides a separate queue from the Loaded reply
             while not all(

@@ -16,6 +16,8 @@ from dnet.protocol.messages import (
     Error,
     FetchSpan,
     FileSpans,
+    Have,
+    HaveRequest,
     LoadSlice,
     Span,
     SpanData,
@@ -171,3 +173,38 @@ async def test_load_progress_tells_bytes_source_and_rate_then_reading(model, mon
             assert [s.done for s in fetching] == sorted(s.done for s in fetching)
             reading = [i for i, s in enumerate(mine) if s.phase == "reading"]
             assert reading and min(reading) > mine.index(fetching[-1])  # fetched, then read
+
+
+async def test_the_plan_counts_what_each_peer_must_fetch(model):
+    """A prepared topology predicts each peer's fetch: the bytes of its slice its
+    store lacks, over the head's measured link; after a load, none."""
+    from dnet.head.topology import load_topology, prepare_topology
+
+    manifest = build_manifest(model)
+    async with (
+        open_peers(2) as peers,
+        open_cluster([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as cluster,
+    ):
+        topology = await prepare_topology(cluster, model, context=256)
+        for a in topology.assignments:
+            assert a.predicted_fetch_bytes == bytes_of(slice_spans(manifest, model, a.start, a.end))
+            assert a.predicted_fetch_s is not None and a.predicted_fetch_s > 0
+            assert a.predicted_load_s is not None and a.predicted_load_s > a.predicted_fetch_s
+        ring = await load_topology(cluster, topology, model=model)
+        await ring.unload()
+        again = await prepare_topology(cluster, model, context=256)
+        for a in again.assignments:
+            held = await cluster.peer(a.peer_id).call(HaveRequest(manifest.model_id), Have)
+            spans = slice_spans(manifest, model, a.start, a.end)
+            lacking = sum(
+                s.end - s.begin
+                for n, v in spans.items()
+                for s in v
+                if (n, s.begin, s.end) not in set(held.spans)
+            )
+            assert a.predicted_fetch_bytes == lacking
+        if [(a.peer_id, a.start, a.end) for a in again.assignments] == [
+            (a.peer_id, a.start, a.end) for a in topology.assignments
+        ]:
+            assert all(a.predicted_fetch_bytes == 0 for a in again.assignments)
+            assert all(a.predicted_fetch_s == 0.0 for a in again.assignments)
