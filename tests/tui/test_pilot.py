@@ -140,7 +140,9 @@ def test_console_with_its_own_head_loads_chats_stops_and_unloads(tiny_model, tmp
     key_file.write_text(CLUSTER_KEY.hex())
     peers = [PeerProcess(tmp_path / f"peer{i}", key_file, f"tp{i}") for i in range(2)]
     try:
-        settings = ConsoleSettings(http_port=0, mdns=False, state_dir=tmp_path / "head")
+        settings = ConsoleSettings(
+            http_port=0, mdns=False, state_dir=tmp_path / "head", cache_dir=tmp_path / "cache"
+        )
         head = partial(
             serve_head, settings, Identity.generate(), CLUSTER_KEY, [p.address for p in peers]
         )
