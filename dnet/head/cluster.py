@@ -21,7 +21,14 @@ import trio
 from dnet.config import default_cache_dir
 from dnet.errors import DuplicatePeer, PeerUnavailable
 from dnet.head.loaded_ring import LoadedRing, machines
-from dnet.head.loading import PlanEntry, Progress, check_plan, load_slices, quietly
+from dnet.head.loading import (
+    PlanEntry,
+    Progress,
+    check_plan,
+    find_holders,
+    load_slices,
+    quietly,
+)
 from dnet.head.peers import PeerClient
 from dnet.head.spans import SpanServer
 from dnet.identity import Identity, verify_signature
@@ -179,6 +186,7 @@ class Cluster:
             await self.ring.unload()
         self._spans.register(model, manifest)
         try:
+            holders = await find_holders(self.peers, manifest.model_id)
             loaded = await load_slices(
                 model,
                 manifest,
@@ -187,6 +195,7 @@ class Cluster:
                 max_context=max_context,
                 compute_dtype=compute_dtype,
                 on_progress=on_progress,
+                holders=holders,
             )
         except BaseException:
             self._spans.forget(manifest.model_id)

@@ -17,6 +17,9 @@ from dnet.models.manifest import Manifest, slice_files
 from dnet.models.model_dir import ModelDir
 from dnet.protocol.messages import (
     FetchProgress,
+    Have,
+    HaveRequest,
+    Holder,
     Loaded,
     LoadProgress,
     LoadSlice,
@@ -27,6 +30,7 @@ from dnet.protocol.messages import (
 log = logging.getLogger(__name__)
 
 UNLOAD_TIMEOUT_S = 30.0
+HAVE_TIMEOUT_S = 10.0
 
 
 @attrs.frozen
@@ -93,6 +97,23 @@ def slice_message(
     )
 
 
+async def find_holders(peers: Sequence[PeerClient], model_id: str) -> tuple[Holder, ...]:
+    """The connected peers whose stores hold spans of ``model_id``: where peers that
+    lack them may fetch them (a peer that does not answer is left out)."""
+    found: list[Holder] = []
+
+    async def ask(p: PeerClient) -> None:
+        with suppress(DnetError), trio.move_on_after(HAVE_TIMEOUT_S):
+            have = await p.call(HaveRequest(model_id), Have)
+            if have.spans:
+                found.append(Holder(p.address, p.peer_id, p.name))
+
+    async with trio.open_nursery() as nursery:
+        for p in peers:
+            nursery.start_soon(ask, p)
+    return tuple(sorted(found, key=lambda h: h.peer_id))
+
+
 async def load_slices(
     model: ModelDir,
     manifest: Manifest,
@@ -102,6 +123,7 @@ async def load_slices(
     max_context: int | None,
     compute_dtype: str | None,
     on_progress: Progress | None = None,
+    holders: Sequence[Holder] = (),
 ) -> list[Loaded]:
     """Send every peer its ``LoadSlice`` at once (naming, by ``manifest``, the spans
     of the model files its slice reads; peers fetch what they lack from this head);
@@ -118,6 +140,7 @@ async def load_slices(
             slice_message(model, manifest, plan, order, i),
             max_context=max_context,
             compute_dtype=compute_dtype,
+            holders=tuple(h for h in holders if h.peer_id != order[i].peer_id),
         )
         try:
             results[i] = await order[i].call(message, Loaded)

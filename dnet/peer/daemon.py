@@ -31,7 +31,7 @@ from dnet.peer.measuring import PeerMeasurements
 from dnet.peer.outbox import Outbox
 from dnet.peer.request_work import PREFILL_SLICE_S, RATE_WINDOW_S, RequestMeta, RequestWork
 from dnet.peer.slice_loading import SliceLoading
-from dnet.peer.sources import SpanFetches
+from dnet.peer.sources import SpanFetches, serve_span
 from dnet.peer.weights import WeightStore
 from dnet.peer.work import WorkQueue
 from dnet.protocol.codec import ProtocolError
@@ -40,6 +40,7 @@ from dnet.protocol.messages import (
     Cancel,
     EndRequest,
     Error,
+    FetchSpan,
     Follow,
     Have,
     HaveRequest,
@@ -175,6 +176,9 @@ class PeerDaemon(RequestWork, SliceLoading):
                     continue
                 if isinstance(message, SpanData):
                     await self._fetches.deliver(conn, message, payload)
+                    continue
+                if isinstance(message, FetchSpan):  # another peer fetching from this one
+                    await serve_span(self.weights, conn, message)
                     continue
                 if isinstance(message, LoadSlice) and self._nursery is not None:
                     # Loading fetches weights over this connection: keep reading it.

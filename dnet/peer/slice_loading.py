@@ -19,7 +19,7 @@ from dnet.models.model_dir import ModelDir, open_model_dir
 from dnet.models.model_profile import check_budget
 from dnet.peer.disk import make_room, touch
 from dnet.peer.request_work import RequestMeta
-from dnet.peer.sources import SpanFetches, hub_source
+from dnet.peer.sources import SpanFetches, hub_source, peer_source
 from dnet.peer.weights import WeightStore
 from dnet.protocol.codec import ProtocolError
 from dnet.protocol.messages import (
@@ -40,6 +40,7 @@ from dnet.transport.connection import Connection, open_connection
 log = logging.getLogger(__name__)
 
 FOLLOW_TIMEOUT_S = 120.0  # the next peer may still be reading its weights
+MAX_HOLDERS = 8  # other peers asked for spans, at most
 
 
 class SliceLoading:
@@ -131,9 +132,13 @@ class SliceLoading:
         """The slice's files, verified in the store: headers first (to check the
         budget before a tensor's byte comes), then its tensors, from a local copy,
         the hub, or the head, in that order; progress goes to the head."""
-        sources = [self._fetches.source(controller, msg.model_id)]
-        if msg.hub is not None:
-            sources.insert(0, hub_source(msg.hub))
+        sources = [hub_source(msg.hub)] if msg.hub is not None else []
+        sources += [
+            peer_source(h, msg.model_id, self.identity, self._cluster_key, self.name)
+            for h in msg.holders[:MAX_HOLDERS]
+            if h.peer_id != self.identity.peer_id
+        ]
+        sources.append(self._fetches.source(controller, msg.model_id))
 
         def progress(source: str, done: int, total: int, rate: float) -> None:
             if controller is not None:

@@ -12,6 +12,7 @@ missing; a second load of the same slice fetches nothing.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -106,6 +107,21 @@ class WeightStore:
             }
         except (OSError, ValueError, TypeError):
             return {}
+
+    def run_path(self, model_id: str, name: str, begin: int, end: int) -> Path | None:
+        """The file to read ``[begin, end)`` of ``name`` from, if that is a run of
+        spans this store verified (for serving another peer), else None."""
+        if not MODEL_ID.match(model_id):
+            return None
+        directory = self.root / model_id
+        held = sorted((b, e) for n, b, e in self._have(directory) if n == name)
+        inside = [(b, e) for b, e in held if begin <= b and e <= end]
+        if not inside or inside[0][0] != begin or inside[-1][1] != end:
+            return None
+        if any(b2 - e1 > 64 for (_, e1), (b2, _) in itertools.pairwise(inside)):
+            return None
+        path = directory / name
+        return path if path.parent == directory and path.is_file() else None
 
     def held(self, model_id: str) -> tuple[Key, ...]:
         """The spans of ``model_id`` verified when last loaded (for planning)."""

@@ -151,6 +151,15 @@ class HubSource:
 
 
 @attrs.frozen
+class Holder:
+    """Another peer whose store holds spans of the model being loaded."""
+
+    address: str
+    peer_id: str
+    name: str = ""
+
+
+@attrs.frozen
 class LoadSlice:
     """Load layers ``[start, end)`` of ``model``.
 
@@ -177,6 +186,7 @@ class LoadSlice:
     model_id: str = ""
     files: tuple[FileSpans, ...] = ()
     hub: HubSource | None = None  # the hub has these files too (by range)
+    holders: tuple[Holder, ...] = ()  # peers that hold some of them
 
 
 @attrs.frozen
@@ -197,7 +207,9 @@ class Have:
 
 @attrs.frozen
 class FetchSpan:
-    """A peer asks the head that is loading it for one span of a model file."""
+    """A peer asks the head that is loading it, or another peer that holds them,
+    for bytes ``[begin, end)`` of a model file: from a span's beginning to a span's
+    end, every span between held (a run of whole spans)."""
 
     model_id: str
     file: str

@@ -208,3 +208,42 @@ async def test_the_plan_counts_what_each_peer_must_fetch(model):
         ]:
             assert all(a.predicted_fetch_bytes == 0 for a in again.assignments)
             assert all(a.predicted_fetch_s == 0.0 for a in again.assignments)
+
+
+async def test_a_peer_fetches_what_another_peer_holds(model, monkeypatch):
+    """A peer that lacks spans another peer's store holds fetches them from that
+    peer (over their own sealed link), not from the head; a run it does not hold
+    is refused."""
+    manifest = build_manifest(model)
+    whole = bytes_of(slice_spans(manifest, model, 0, 8))
+    async with (
+        open_peers(2) as peers,
+        open_cluster([a for a, _ in peers], Identity.generate(), CLUSTER_KEY) as cluster,
+    ):
+        first, second = cluster.peers
+        ring = await cluster.load(model, [PlanEntry(first.peer_id, 0, 8)])
+        assert ring.loaded[0].fetched_bytes == whole
+        await ring.unload()
+        served = []
+        real = spans_module.SpanServer.send
+
+        async def head_send(self, peer, message):
+            served.append(message.end - message.begin)
+            await real(self, peer, message)
+
+        monkeypatch.setattr(spans_module.SpanServer, "send", head_send)
+        ring = await cluster.load(model, [PlanEntry(second.peer_id, 0, 8)])
+        assert ring.loaded[0].fetched_bytes == whole
+        assert sum(served) == 0  # all of it from the first peer
+        store = next(d for a, d in peers if d.peer_id == second.peer_id).weights
+        assert store.by_source == {f"peer {first.name}": whole}
+        assert [e.token_id for e in await _generate(ring)]
+
+        # The first peer serves only runs of spans it verified.
+        holder = next(d for a, d in peers if d.peer_id == first.peer_id).weights
+        name = next(f.name for f in manifest.files if f.name.endswith(".safetensors"))
+        span = next(s for s in manifest.file(name).spans if s.name)
+        assert holder.run_path(manifest.model_id, name, span.begin, span.end) is not None
+        assert holder.run_path(manifest.model_id, name, span.begin + 1, span.end) is None
+        assert holder.run_path(manifest.model_id, "../../etc/passwd", 0, 10) is None
+        assert holder.run_path("dm" + "0" * 40, name, span.begin, span.end) is None
