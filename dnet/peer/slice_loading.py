@@ -32,7 +32,7 @@ from dnet.protocol.messages import (
     Message,
 )
 from dnet.runtime.compute import ComputeThread
-from dnet.runtime.device_profile import release_memory
+from dnet.runtime.device_profile import large_blocks_reused, release_memory
 from dnet.runtime.engine import SliceEngine
 from dnet.runtime.slice import load_slice
 from dnet.transport.connection import Connection, open_connection
@@ -104,9 +104,10 @@ class SliceLoading:
             if controller is not None:
                 token.run_sync_soon(self._to_controller, LoadProgress(msg.model, done, total))
 
-        fetched = self.weights.fetched_bytes
+        fetched, fetch_started = self.weights.fetched_bytes, time.perf_counter()
         model = await self._fetch_weights(msg, controller)
         fetched = self.weights.fetched_bytes - fetched
+        fetch_s = time.perf_counter() - fetch_started
         layer_slice = await self._compute.run(
             load_slice, model, msg.start, msg.end, progress, msg.compute_dtype
         )
@@ -126,7 +127,9 @@ class SliceLoading:
             await self._wait_for_follower(msg.next_peer_id or "")
         seconds = time.perf_counter() - started
         log.info("loaded %s layers [%d, %d) in %.2fs", msg.model, msg.start, msg.end, seconds)
-        return Loaded(msg.model, msg.start, msg.end, layer_slice.weight_bytes, seconds, fetched)
+        return Loaded(
+            msg.model, msg.start, msg.end, layer_slice.weight_bytes, seconds, fetched, fetch_s
+        )
 
     async def _fetch_weights(self, msg: LoadSlice, controller: Connection | None) -> ModelDir:
         """The slice's files, verified in the store: headers first (to check the
@@ -152,7 +155,8 @@ class SliceLoading:
             await trio.to_thread.run_sync(self._make_disk_room, msg)
         else:
             await trio.to_thread.run_sync(touch, self.weights.root, msg.model_id)
-        await ensure(progress=progress)
+        with large_blocks_reused():
+            await ensure(progress=progress)
         return model
 
     def _make_disk_room(self, msg: LoadSlice) -> None:

@@ -265,6 +265,7 @@ class Loaded:
     weight_bytes: int
     load_seconds: float
     fetched_bytes: int = 0  # what this load had to fetch (0: all in the peer's store)
+    fetch_seconds: float = 0.0  # how long making sure of the weights took (verify + fetch)
 
 
 @attrs.frozen

@@ -43,7 +43,7 @@ class FrameError(Exception):
         self.message = message
 
 
-def _xor(payload: bytes | bytearray, key: bytes) -> bytes:
+def _xor(payload: bytes | bytearray | memoryview, key: bytes) -> bytes | bytearray:
     n = len(payload)
     if n == 0:
         return b""
@@ -61,11 +61,20 @@ def _xor(payload: bytes | bytearray, key: bytes) -> bytes:
     np.bitwise_xor(view, np.frombuffer(key, dtype=np.uint32)[0], out=view)
     for i in range(words * 4, n):
         out[i] ^= key[i % 4]
-    return bytes(out)
+    return out  # one copy of a big frame, not two
 
 
 def encode_frame(opcode: int, payload: bytes = b"", *, mask: bool) -> bytes:
     """One final frame; clients must ``mask``, servers must not."""
+    header, body = frame_parts(opcode, payload, mask=mask)
+    return header + body
+
+
+def frame_parts(
+    opcode: int, payload: bytes = b"", *, mask: bool
+) -> tuple[bytes, bytes | bytearray]:
+    """``encode_frame`` as its header (with the mask key) and its body, for sending
+    a big body without copying it once more onto its header."""
     n = len(payload)
     mask_bit = 0x80 if mask else 0
     if n < 126:
@@ -76,8 +85,8 @@ def encode_frame(opcode: int, payload: bytes = b"", *, mask: bool) -> bytes:
         header = bytes((0x80 | opcode, mask_bit | 127)) + _U64.pack(n)
     if mask:
         key = os.urandom(4)
-        return header + key + _xor(payload, key)
-    return header + payload
+        return header + key, _xor(payload, key)
+    return header, payload
 
 
 def close_payload(code: int, reason: str = "") -> bytes:
@@ -186,10 +195,9 @@ class FrameReader:
         end = offset + n
         if len(buf) < end:
             return None
-        if self._masked:
-            payload = _xor(buf[offset:end], bytes(buf[key_at:offset]))
-        else:
-            payload = bytes(buf[offset:end])
+        with memoryview(buf) as view, view[offset:end] as body:
+            # One copy out of the buffer (a slice of a bytearray is a copy too).
+            payload = _xor(body, bytes(buf[key_at:offset])) if self._masked else bytes(body)
         del buf[:end]
         if opcode not in _CONTROL_OPS:
             self._size += n

@@ -38,7 +38,7 @@ from dnet.transport.frames import (
     FrameError,
     FrameReader,
     close_payload,
-    encode_frame,
+    frame_parts,
     parse_close,
 )
 from dnet.transport.links import MAX_MESSAGE_BYTES, RECEIVE_BUFFER_BYTES, LinkClosed
@@ -47,6 +47,7 @@ from dnet.transport.refusals import RateLimitedLog, SourceCaps, TooManyConnectio
 log = logging.getLogger(__name__)
 
 MAX_HTTP_HEAD_BYTES = 64 * 1024
+SPLIT_WRITE_BYTES = 1 << 16  # a bigger frame body is written after its header
 
 
 class WebSocketError(PeerUnavailable):
@@ -90,7 +91,12 @@ class WsLink:
                 raise LinkClosed(f"connection to {self.description} closed")
             if opcode == OP_CLOSE:
                 self._close_sent = True
-            await self._write(encode_frame(opcode, payload, mask=self._client))
+            header, body = frame_parts(opcode, payload, mask=self._client)
+            if len(body) < SPLIT_WRITE_BYTES:
+                await self._write(header + body)  # one write: small frames are latency
+            else:
+                await self._write(header)
+                await self._write(body)
         finally:
             self._send_lock.release()
 
