@@ -196,6 +196,8 @@ def header_end(prefix: bytes) -> int | None:
     Raises:
         InvalidModel: the prefix is not the start of a GGUF file dnet reads.
     """
+    if len(prefix) < 24:  # magic, version and the two counts
+        return None
     cur = _Cursor(prefix)
     try:
         _parse(Path("prefix"), cur, vocab=False, sized=False)

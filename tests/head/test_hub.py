@@ -243,3 +243,55 @@ async def test_a_slice_no_source_can_give_fails_the_load_at_once(repo, tmp_path,
                 assert [s.layers for s in statuses] == [None, None]
         finally:
             stop_all(peers)
+
+
+async def test_one_gguf_file_of_a_hub_repo(repo, tmp_path, monkeypatch):
+    """``org/name/file.gguf``: the head reads that file's GGUF header by range; each
+    peer fetches its slice's tensors of it, and the ring answers as it does from
+    the head's own copy of the file."""
+    from ..models.gguf_files import write_gguf
+
+    files = tmp_path / "gguf-repo"
+    files.mkdir()
+    gguf = write_gguf(repo, files / "tiny-q8.gguf", "Q8_0")
+    write_gguf(repo, files / "tiny-f16.gguf", "F16")
+    local = open_model_dir(gguf)
+    manifest = build_manifest(local)
+    slices = [slice_spans(manifest, local, s, e) for s, e in CUTS]
+    prompt = [5, 9, 13, 200, 31]
+    with (
+        StandInHub({REPO: files}) as head_hub,
+        StandInHub({REPO: files}) as hub0,
+        StandInHub({REPO: files}) as hub1,
+    ):
+        monkeypatch.setenv("HF_ENDPOINT", head_hub.endpoint)
+        peers = peers_with_own_homes(tmp_path, [hub0, hub1])
+        try:
+            async with open_cluster(
+                [p.address for p in peers],
+                Identity.generate(),
+                CLUSTER_KEY,
+                cache_dir=tmp_path / "head-cache",
+            ) as cluster:
+                plan = [
+                    PlanEntry(p.peer_id, s, e)
+                    for p, (s, e) in zip(cluster.peers, CUTS, strict=True)
+                ]
+                ring = await cluster.load(local, plan)
+                expected = await generate(ring, prompt)
+                await ring.unload()
+                for i in range(len(peers)):  # forget what came from the head
+                    shutil.rmtree(tmp_path / f"state{i}/weights")
+                model = await cluster.open_model(f"{REPO}/tiny-q8.gguf")
+                assert model.is_gguf and head_hub.sent["tiny-f16.gguf"] == 0
+                assert head_hub.sent["tiny-q8.gguf"] < gguf.stat().st_size / 2
+                with trio.fail_after(120):
+                    ring = await cluster.load(model, plan)
+                assert await generate(ring, prompt) == expected
+                for hub, spans in zip([hub0, hub1], slices, strict=True):
+                    headers = sum(s.end - s.begin for v in spans.values() for s in v if not s.name)
+                    assert tensor_bytes(spans) <= hub.sent["tiny-q8.gguf"]
+                    assert hub.total <= 1.05 * tensor_bytes(spans) + headers
+                    assert hub.sent["tiny-f16.gguf"] == 0
+        finally:
+            stop_all(peers)
