@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,9 +24,12 @@ class StandInHub:
     """Serves ``repos`` (repo id → directory of its files) at one commit. Start with
     ``with StandInHub(...) as hub:``; ``hub.endpoint`` is its address."""
 
-    def __init__(self, repos: dict[str, Path], *, ranges: bool = True) -> None:
+    def __init__(
+        self, repos: dict[str, Path], *, ranges: bool = True, bytes_per_s: float | None = None
+    ) -> None:
         self.repos = repos
         self.ranges = ranges
+        self.bytes_per_s = bytes_per_s  # a slow hub: file bodies go out at this rate
         self.sent: Counter[str] = Counter()  # body bytes sent, by file name
         self.requests: list[tuple[str, str, str]] = []  # (method, path, range)
         self._lock = threading.Lock()
@@ -106,14 +110,26 @@ class StandInHub:
             end = min(size, int(wanted.group(2)) + 1) if wanted.group(2) else size
             status = 206
             headers["Content-Range"] = f"bytes {begin}-{end - 1}/{size}"
-        data = b""
-        if body:
-            with file.open("rb") as f:
-                f.seek(begin)
-                data = f.read(end - begin)
+        if not body:
+            return self._send(h, status, b"", headers, end - begin)
+        with file.open("rb") as f:
+            f.seek(begin)
+            data = f.read(end - begin)
+        if self.bytes_per_s is None:
             with self._lock:
                 self.sent[name] += len(data)
-        self._send(h, status, data, headers, end - begin)
+            return self._send(h, status, data, headers, end - begin)
+        self._send(h, status, b"", headers, end - begin)
+        for at in range(0, len(data), 64 << 10):  # paced, counted as it goes
+            piece = data[at : at + (64 << 10)]
+            time.sleep(len(piece) / self.bytes_per_s)
+            try:
+                h.wfile.write(piece)
+            except (BrokenPipeError, ConnectionResetError):
+                return None
+            with self._lock:
+                self.sent[name] += len(piece)
+        return None
 
     @staticmethod
     def _send(

@@ -23,7 +23,8 @@ from dnet.models.model_dir import ModelDir, open_model_dir
 from dnet.protocol.messages import HubSource
 
 MARKER = "dnet-hub.json"
-HEADER_PROBE = 64 << 10  # the first read of a GGUF header; doubled (reading only the rest) until it fits
+# The first read of a GGUF header; doubled (reading only the rest) until it fits.
+HEADER_PROBE = 64 << 10
 MAX_HEADER = 256 << 20
 TIMEOUT_S = 30.0
 CHUNK = 1 << 20

@@ -11,7 +11,7 @@ from contextlib import aclosing
 import pytest
 import trio
 
-from dnet.errors import ModelNotFound, PeerError
+from dnet.errors import DnetError, ModelNotFound, PeerError
 from dnet.head.cluster import open_cluster
 from dnet.head.loading import PlanEntry
 from dnet.identity import Identity
@@ -293,5 +293,92 @@ async def test_one_gguf_file_of_a_hub_repo(repo, tmp_path, monkeypatch):
                     assert tensor_bytes(spans) <= hub.sent["tiny-q8.gguf"]
                     assert hub.total <= 1.05 * tensor_bytes(spans) + headers
                     assert hub.sent["tiny-f16.gguf"] == 0
+        finally:
+            stop_all(peers)
+
+
+async def test_a_peer_killed_halfway_fetches_only_the_rest(repo, tmp_path, monkeypatch):
+    """kill -9 of a peer halfway through its fetch from a slow hub: started again
+    on the same state dir, it fetches what had not arrived (give or take what
+    arrived in its last second, which it had not yet recorded)."""
+    from dnet.peer.weights import SAVE_EVERY_S
+
+    full = open_model_dir(repo)
+    spans = slice_spans(build_manifest(full), full, 0, 8)
+    needed = sum(s.end - s.begin for s in spans["model.safetensors"])
+    rate = needed / 4  # four seconds for the whole slice
+    largest = max(s.end - s.begin for s in spans["model.safetensors"])
+    key = tmp_path / "cluster.key"
+    key.write_text(CLUSTER_KEY.hex())
+    home = tmp_path / "home"
+    env = {"HOME": str(home), "HF_HOME": str(home / ".cache/huggingface")}
+    with (
+        StandInHub({REPO: repo}) as head_hub,
+        StandInHub({REPO: repo}, bytes_per_s=rate) as hub,
+    ):
+        monkeypatch.setenv("HF_ENDPOINT", head_hub.endpoint)
+        env["HF_ENDPOINT"] = hub.endpoint
+        peers = [PeerProcess(tmp_path / "state", key, "resumer", env=env)]
+        try:
+            async with open_cluster(
+                [peers[0].address], Identity.generate(), CLUSTER_KEY, cache_dir=tmp_path / "hc"
+            ) as cluster:
+                model = await cluster.open_model(REPO)
+                plan = [PlanEntry(peers[0].peer_id, 0, 8)]
+
+                async def load() -> None:
+                    with pytest.raises(DnetError):
+                        await cluster.load(model, plan)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(load)
+                    with trio.fail_after(30):
+                        while hub.sent["model.safetensors"] < needed / 2:
+                            await trio.sleep(0.01)
+                    peers[0].kill()
+                first = hub.sent["model.safetensors"]
+                hub.bytes_per_s = None
+                peers.append(PeerProcess(tmp_path / "state", key, "resumer", env=env))
+                await cluster.connect(peers[1].address)
+                ring = await cluster.load(model, plan)
+                second = hub.sent["model.safetensors"] - first
+                rest = needed - first
+                assert rest <= second <= rest + rate * SAVE_EVERY_S * 1.5 + largest
+                assert second < 0.75 * needed
+                assert await generate(ring, [5, 9, 13]) == reference(repo, [5, 9, 13], N)
+        finally:
+            stop_all(peers)
+
+
+async def test_a_ring_loads_a_model_only_the_head_has(repo, tmp_path):
+    """A model directory on the head alone: peers with their own HOME and state
+    (and a hub that has nothing) fetch exactly their slices from the head."""
+    prompt = chat(repo)
+    expected = reference(repo, prompt, N)
+    model = open_model_dir(repo)
+    manifest = build_manifest(model)
+    slices = [slice_spans(manifest, model, s, e) for s, e in CUTS]
+    with StandInHub({}) as hub:
+        peers = peers_with_own_homes(tmp_path, [hub, hub])
+        try:
+            async with open_cluster(
+                [p.address for p in peers], Identity.generate(), CLUSTER_KEY
+            ) as cluster:
+                plan = [
+                    PlanEntry(p.peer_id, s, e)
+                    for p, (s, e) in zip(cluster.peers, CUTS, strict=True)
+                ]
+                with trio.fail_after(120):
+                    ring = await cluster.load(model, plan)
+                fetched = [r.fetched_bytes for r in ring.loaded]
+                assert fetched == [
+                    sum(s.end - s.begin for v in x.values() for s in v) for x in slices
+                ]
+                assert all(
+                    f <= 1.05 * tensor_bytes(x) + (64 << 10)
+                    for f, x in zip(fetched, slices, strict=True)
+                )
+                assert hub.total == 0
+                assert await generate(ring, prompt) == expected
         finally:
             stop_all(peers)
