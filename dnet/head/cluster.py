@@ -167,10 +167,8 @@ class Cluster:
         on_progress: Progress | None = None,
     ) -> AsyncIterator[LoadedRing]:
         """Load ``model`` across the peers named by ``plan`` (ring order; ranges must
-        tile all layers) and unload it on exit. The model's files need to be here only:
-        each peer fetches the spans its slice reads from this head (by manifest, hash
-        checked), unless its store has them. One ring at a time: a loaded one is
-        unloaded first.
+        tile all layers) and unload it on exit; a loaded ring is unloaded first. Peers
+        get their slices' weights by manifest (see ``load_slices``).
 
         Raises:
             LayerRangeError, PeerUnavailable, PeerError, ModelNotFound, InvalidModel
@@ -186,7 +184,6 @@ class Cluster:
             await self.ring.unload()
         self._spans.register(model, manifest)
         try:
-            holders = await find_holders(self.peers, manifest.model_id)
             loaded = await load_slices(
                 model,
                 manifest,
@@ -195,7 +192,7 @@ class Cluster:
                 max_context=max_context,
                 compute_dtype=compute_dtype,
                 on_progress=on_progress,
-                holders=holders,
+                holders=await find_holders(self.peers, manifest.model_id),
             )
         except BaseException:
             self._spans.forget(manifest.model_id)

@@ -125,9 +125,10 @@ async def load_slices(
     on_progress: Progress | None = None,
     holders: Sequence[Holder] = (),
 ) -> list[Loaded]:
-    """Send every peer its ``LoadSlice`` at once (naming, by ``manifest``, the spans
-    of the model files its slice reads; peers fetch what they lack from this head);
-    the replies in ring order.
+    """Send every peer its ``LoadSlice`` at once, naming by ``manifest`` the spans
+    of the model files its slice reads, and where else they are (the hub, the
+    ``holders``); peers fetch what they lack, from this head last. The replies in
+    ring order; the first failure calls the other loads off.
 
     Raises:
         PeerUnavailable, PeerError: the first failure; what did load is unloaded.

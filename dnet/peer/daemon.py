@@ -118,6 +118,9 @@ class PeerDaemon(RequestWork, SliceLoading):
         )
         self._load_lock = trio.Lock()
         self._loading: trio.CancelScope | None = None
+        self._unloads = 0  # Unloads received, to call off loads asked for before
+        self._loads_in_flight = 0  # LoadSlice tasks not yet answered
+        self._loads_answered = trio.Event()
         self._nursery: trio.Nursery | None = None
         # Weights by content, from local copies, the hub, or the head that loads a
         # slice; without a directory, a temporary one for the daemon's life.
@@ -182,7 +185,10 @@ class PeerDaemon(RequestWork, SliceLoading):
                     continue
                 if isinstance(message, LoadSlice) and self._nursery is not None:
                     # Loading fetches weights over this connection: keep reading it.
-                    self._nursery.start_soon(self._answer, conn, message)
+                    # (An Unload read after it, before its task starts, calls it off;
+                    # it is answered after this load is, so replies keep their order.)
+                    self._loads_in_flight += 1
+                    self._nursery.start_soon(self._answer_load, conn, message, self._unloads)
                     continue
                 try:
                     reply = await self._control(conn, message)
@@ -203,9 +209,18 @@ class PeerDaemon(RequestWork, SliceLoading):
             if self._followers.get(conn.remote_peer_id) is conn:
                 del self._followers[conn.remote_peer_id]
 
-    async def _answer(self, conn: Connection, message: Message) -> None:
+    async def _answer_load(self, conn: Connection, message: LoadSlice, unloads: int) -> None:
         try:
-            reply = await self._control(conn, message)
+            await self._answer(conn, message, unloads)
+        finally:
+            self._loads_in_flight -= 1
+            if not self._loads_in_flight:
+                self._loads_answered.set()
+                self._loads_answered = trio.Event()
+
+    async def _answer(self, conn: Connection, message: Message, unloads: int = 0) -> None:
+        try:
+            reply = await self._control(conn, message, unloads)
         except DnetError as exc:
             reply = Error(exc.code, exc.message, peer_id=self.peer_id)
         if reply is not None:
@@ -230,7 +245,9 @@ class PeerDaemon(RequestWork, SliceLoading):
         if rids:
             log.info("freed %d requests of %s, which disconnected", len(rids), conn)
 
-    async def _control(self, conn: Connection, message: Message) -> Message | None:
+    async def _control(
+        self, conn: Connection, message: Message, unloads: int | None = None
+    ) -> Message | None:
         if isinstance(message, StatusRequest):
             return self.status()
         if isinstance(message, ProfileRequest):
@@ -242,10 +259,13 @@ class PeerDaemon(RequestWork, SliceLoading):
             return await self.measurements.probe(message)
         if isinstance(message, LoadSlice):
             self.controller = conn
-            return await self._load(message)
+            return await self._load(message, unloads)
         if isinstance(message, Unload):
+            self._unloads += 1  # a load asked for before this one does not start
             if self._loading is not None:  # a load under way stops first
                 self._loading.cancel()
+            while self._loads_in_flight:  # and is answered first
+                await self._loads_answered.wait()
             async with self._load_lock:
                 await self._unload()
             return Unloaded()

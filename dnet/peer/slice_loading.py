@@ -59,6 +59,7 @@ class SliceLoading:
     _fetches: SpanFetches
     _load_lock: trio.Lock
     _loading: trio.CancelScope | None
+    _unloads: int
     _followed: trio.Event
     _predecessor_scope: trio.CancelScope | None
     _nursery: trio.Nursery | None
@@ -76,11 +77,16 @@ class SliceLoading:
 
         async def _serve(self, conn: Connection) -> None: ...
 
-    async def _load(self, msg: LoadSlice) -> Loaded:
-        """Raises:
-        LoadCancelled (an Unload came first), and what loading raises
+    async def _load(self, msg: LoadSlice, unloads: int | None = None) -> Loaded:
+        """Load ``msg``'s slice, unless an Unload came since it was read (``unloads``:
+        how many had come then).
+
+        Raises:
+            LoadCancelled (an Unload came first), and what loading raises
         """
         async with self._load_lock:
+            if unloads is not None and unloads != self._unloads:
+                raise LoadCancelled(f"layers [{msg.start}, {msg.end}): an unload came first")
             with trio.CancelScope() as self._loading:
                 try:
                     return await self._load_locked(msg)

@@ -247,3 +247,39 @@ async def test_a_peer_fetches_what_another_peer_holds(model, monkeypatch):
         assert holder.run_path(manifest.model_id, name, span.begin + 1, span.end) is None
         assert holder.run_path(manifest.model_id, "../../etc/passwd", 0, 10) is None
         assert holder.run_path("dm" + "0" * 40, name, span.begin, span.end) is None
+
+
+async def test_an_unload_calls_off_a_load_and_replies_keep_their_order(model):
+    """A head that gives up on a load (cancelled at various points) and unloads:
+    the peer calls the load off, answers it before the unload, and ends with
+    nothing loaded; the next load pairs its reply right."""
+    from dnet.head.loading import slice_message
+    from dnet.protocol.messages import Loaded, Unload, Unloaded
+
+    manifest = build_manifest(model)
+    async with (
+        open_peers(1) as peers,
+        open_cluster([peers[0][0]], Identity.generate(), CLUSTER_KEY) as cluster,
+    ):
+        peer = cluster.peers[0]
+        entries = [PlanEntry(peer.peer_id, 0, 8)]
+        cluster._spans.register(model, manifest)
+        message = slice_message(model, manifest, entries, [peer], 0)
+        for delay in (0.001, 0.01, 0.05, 0.2):
+            with trio.move_on_after(delay):
+                await peer.call(message, Loaded)
+            with trio.fail_after(30):
+                await peer.call(Unload(), Unloaded)
+                assert (await peer.call_status()).layers is None
+        # A load and an unload sent back to back: the load is called off before
+        # it starts, and answered first.
+        async with peer._lock:  # as a call holds it; the replies are read here
+            await peer.conn.send(message)
+            await peer.conn.send(Unload())
+            with trio.fail_after(30):
+                replies = [await peer._reply_receive.receive() for _ in range(2)]
+        assert isinstance(replies[0], Error) and replies[0].code == "load_cancelled"
+        assert isinstance(replies[1], Unloaded)
+        assert (await peer.call_status()).layers is None
+        ring = await cluster.load(model, entries)
+        assert len(await _generate(ring)) == 8
