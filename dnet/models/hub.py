@@ -12,6 +12,7 @@ them), and peers fetch those bytes from the hub by range, each only its slice's.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -21,6 +22,8 @@ from typing import Any
 from dnet.errors import InvalidModel, ModelNotFound
 from dnet.models.model_dir import ModelDir, open_model_dir
 from dnet.protocol.messages import HubSource
+
+log = logging.getLogger(__name__)
 
 MARKER = "dnet-hub.json"
 # The first read of a GGUF header; doubled (reading only the rest) until it fits.
@@ -130,19 +133,35 @@ def _repo_files(repo_id: str, revision: str | None) -> tuple[str, dict[str, Any]
         ModelNotFound
     """
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         info = HfApi(endpoint=endpoint()).model_info(
             repo_id, revision=revision, files_metadata=True, timeout=TIMEOUT_S
         )
-    except Exception as exc:  # not found, gated, offline, out of reach
-        raise ModelNotFound(
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise ModelNotFound(f"the hub has no {repo_id!r}: {_why(exc)}") from None
+    except Exception as exc:  # gated, offline, out of reach
+        raise HubUnreachable(
             f"{repo_id!r} is not a local model, and the hub cannot give it: {_why(exc)}"
         ) from None
     files = {s.rfilename: s for s in info.siblings or ()}
     if not info.sha:
         raise ModelNotFound(f"the hub named no commit for {repo_id!r}")
     return info.sha, files
+
+
+class HubUnreachable(ModelNotFound):
+    """The hub could not be asked (offline, out of reach, refused)."""
+
+
+def _newest_stub(directory: Path, repo_id: str) -> Path | None:
+    stubs = [d for d in directory.glob("*") if (d / MARKER).is_file()]
+    if not stubs:
+        return None
+    newest = max(stubs, key=lambda d: (d / MARKER).stat().st_mtime)
+    log.warning("the hub is out of reach: using %s as it was at commit %s", repo_id, newest.name)
+    return newest
 
 
 def _why(exc: Exception) -> str:
@@ -161,7 +180,13 @@ def hub_model(repo_id: str, cache_dir: Path, file: str | None = None) -> Path:
     """
     from dnet.models.manifest import SIDE_FILES
 
-    commit, files = _repo_files(repo_id, None)
+    try:
+        commit, files = _repo_files(repo_id, None)
+    except HubUnreachable:
+        known = _newest_stub(cache_dir / "hub" / repo_id.replace("/", "--"), repo_id)
+        if known is None or (file is not None and not (known / file).is_file()):
+            raise
+        return known / file if file else known
     hub = HubSource(repo_id, commit)
     directory = cache_dir / "hub" / repo_id.replace("/", "--") / commit
     if file is not None:

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from dnet.errors import InvalidModel
+from dnet.errors import InvalidModel, ModelNotFound
 from dnet.models.gguf import header_end, read_header
 from dnet.models.hub import MARKER, hub_model, repo_ref
 from dnet.models.manifest import build_manifest
@@ -61,3 +61,10 @@ def test_a_stub_holds_headers_and_small_files_made_once(tiny_model, tmp_path, mo
         before = len(hub.requests)
         assert hub_model("org/tiny", tmp_path / "cache") == stub
         assert [r[1] for r in hub.requests[before:]] == ["/api/models/org/tiny"]
+        with pytest.raises(ModelNotFound, match="the hub has no 'org/other'"):
+            hub_model("org/other", tmp_path / "cache")
+    # With the hub out of reach, the stub made before serves.
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert hub_model("org/tiny", tmp_path / "cache") == stub
+    with pytest.raises(ModelNotFound, match="the hub cannot give it"):
+        hub_model("org/other", tmp_path / "cache")
