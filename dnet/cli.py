@@ -50,6 +50,9 @@ def generate_main(argv: list[str] | None = None) -> int:
         from dnet.runtime.blas import preload_openblas
 
         preload_openblas(cache_dir=settings.cache_dir / "native", skinny=settings.use_skinny_kernel)
+    from dnet.runtime import qgemv
+
+    qgemv.configure(settings.cache_dir / "native", settings.use_quant_kernel)
     try:
         return _generate(settings)
     except DnetError as exc:
@@ -139,8 +142,10 @@ def peer_main(argv: list[str] | None = None) -> int:
             skinny=settings.use_skinny_kernel,
         )
     from dnet.limits import raise_file_limit
+    from dnet.runtime import qgemv
     from dnet.runtime.device_profile import return_large_frees
 
+    qgemv.configure(settings.cache_dir / "native", settings.use_quant_kernel)
     raise_file_limit()
     return_large_frees()  # a peer's footprint is what it holds, not what it read through
     import trio

@@ -151,6 +151,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("mdns", "do not advertise or look for peers over mDNS", (PEER, CONSOLE), "--no-mdns", "DNET_MDNS", True, switch, action="off"),
     Option("use_openblas", "keep MLX's bundled BLAS", (PEER, GENERATE), "--no-openblas", "DNET_OPENBLAS", True, switch, action="off"),
     Option("use_skinny_kernel", "decode's skinny products to dnet's kernel (0: to OpenBLAS too)", ALL, env="DNET_SKINNY", default=True, parse=switch),
+    Option("use_quant_kernel", "decode's quantized products to dnet's kernel (0: to MLX's own)", ALL, env="DNET_QUANT_KERNEL", default=True, parse=switch),
     Option("cache_dir", "where generated models and built kernels live", ALL, env="DNET_CACHE_DIR", default=default_cache_dir, parse=path),
     Option("log_level", "DEBUG, INFO (default), WARNING", ALL, "--log-level", "DNET_LOG_LEVEL", "INFO", str.upper, defaults={GENERATE: "WARNING"}),
     # dnet-generate
@@ -242,6 +243,7 @@ class RuntimeSettings:
 
     use_openblas: bool = True
     use_skinny_kernel: bool = True
+    use_quant_kernel: bool = True
     cache_dir: Path = Path(".")
     # None: leave OpenBLAS's own setting (the user set OPENBLAS_THREAD_TIMEOUT).
     openblas_thread_timeout: int | None = 20
@@ -266,6 +268,7 @@ class GenerateSettings:
     prefill_chunk: int
     use_openblas: bool
     use_skinny_kernel: bool
+    use_quant_kernel: bool
     cache_dir: Path
     log_level: str
 
@@ -291,6 +294,7 @@ class PeerSettings:
     max_disk: int | None = None  # bytes the fetched weights may take
     use_openblas: bool = True
     use_skinny_kernel: bool = True
+    use_quant_kernel: bool = True
     cache_dir: Path = Path(".")
     openblas_thread_timeout: int | None = 20
     log_level: str = "INFO"

@@ -80,6 +80,7 @@ from bench_transfer import bench_transfer
 from mlx_lm import load
 
 from dnet.head.session import PREFILL_CHUNK
+from dnet.runtime import qgemv
 from dnet.runtime.local import even_cuts, generate, load_chain
 from dnet.runtime.tiny import TinySpec, ensure_tiny_model
 
@@ -522,6 +523,7 @@ def bench_stall(args) -> dict:
 
 
 def main() -> int:
+    qgemv.configure(_runtime.cache_dir / "native", _runtime.use_quant_kernel)
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -55,11 +55,19 @@ def build_dispatch(cache_dir: Path) -> Path | None:
     """The sgemm dispatch library, compiled into ``cache_dir`` on first use (keyed by
     its source and flags); ``None`` without a C compiler or when the build fails.
     Without OpenMP the kernel runs on one thread."""
-    source = _DISPATCH_SOURCE.read_bytes()
+    return build_native(_DISPATCH_SOURCE, cache_dir, ["-ldl"])
+
+
+def build_native(source_path: Path, cache_dir: Path, libs: list[str] | None = None) -> Path | None:
+    """A C file of ``native/`` compiled into a shared library in ``cache_dir`` on
+    first use (keyed by its source and flags, so processes building at once are
+    fine); ``None`` without a C compiler or when the build fails. Tries OpenMP
+    first."""
+    source = source_path.read_bytes()
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     for flags in (["-O3", "-fopenmp"], ["-O3"]):
         tag = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:12]
-        target = cache_dir / f"sgemm_dispatch-{tag}.so"
+        target = cache_dir / f"{source_path.stem}-{tag}.so"
         if target.exists():
             return target
         if cc is None:
@@ -70,15 +78,15 @@ def build_dispatch(cache_dir: Path) -> Path | None:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
             os.close(fd)
             subprocess.run(
-                [cc, *flags, "-shared", "-fPIC", "-o", tmp, str(_DISPATCH_SOURCE), "-ldl"],
+                [cc, *flags, "-shared", "-fPIC", "-o", tmp, str(source_path), *(libs or [])],
                 check=True,
                 capture_output=True,
                 timeout=60,
             )
-            os.replace(tmp, target)  # atomic: processes building at once are fine
+            os.replace(tmp, target)  # atomic
             return target
         except (OSError, subprocess.SubprocessError) as exc:
-            log.info("cannot build the sgemm dispatch with %s (%s)", flags, exc)
+            log.info("cannot build %s with %s (%s)", source_path.name, flags, exc)
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
     return None

@@ -30,6 +30,7 @@ from dnet.errors import (
     TensorShapeMismatch,
 )
 from dnet.models.model_dir import ModelDir, open_model_dir
+from dnet.runtime import qgemv
 from dnet.runtime.architectures import model_classes
 from dnet.runtime.arrays import dtype_name
 from dnet.runtime.blas import skinny_products_tuned
@@ -293,6 +294,10 @@ def load_slice(
     )
     del pieces
     _read(owned, progress)
+    if mx.default_device() == mx.cpu:
+        routed = sum(qgemv.route(m) for m in (*layers, embed, head) if isinstance(m, nn.Module))
+        if routed:
+            log.info("%d quantized products go to dnet's kernel in decode", routed)
     log.info(
         "loaded %s layers [%d, %d) of %d: %.1f MiB",
         model.name,

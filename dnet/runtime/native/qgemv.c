@@ -1,0 +1,267 @@
+/* Skinny products with MLX affine-quantized weights: y[M][N] = x[M][K] . W^T for
+ * up to MAX_ROWS rows of activations (a decode step), reading each packed weight
+ * once and dequantizing it in registers.
+ *
+ * W is MLX's layout: row n holds K values of `bits` bits (4 or 8) packed little-end
+ * first into uint32 words, and a scale and a bias per `group` values (32, 64 or
+ * 128), as float32, float16 or bfloat16: w[n][i] = scale[n][g] * q[n][i] + bias[n][g].
+ *
+ * So y[r][n] = sum_g scale[n][g] * (sum_{i in g} q[n][i] x[r][i])
+ *            + sum_g bias[n][g] * (sum_{i in g} x[r][i]).
+ *
+ * The x rows are first laid out to match the packing: eight words side by side in
+ * a vector's lanes, and for each of a word's values one vector of the x values
+ * they multiply. A block of eight words is then, per value position, a shift, a
+ * mask, a conversion and one FMA per row.
+ *
+ * Each output element is summed in one fixed order whatever M is: a row's result
+ * is the same alone or batched. Rows of W are split among threads (OpenMP) above a
+ * size threshold.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { MAX_ROWS = 8, F32 = 0, F16 = 1, BF16 = 2 };
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) {
+                man <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float param(const void *p, int dtype, long i) {
+    if (dtype == F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    if (dtype == F16) return half_to_float(h);
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Values per word, and of those, which x each multiplies once laid out. */
+static inline int per_word(int bits) { return 32 / bits; }
+
+/* Lay x (M rows of K) out for blocks of 8 words: for block b, value position p and
+ * lane j, the x that word 8b+j's p-th value multiplies; a last partial block is
+ * laid out the same, its missing lanes zero. Also each row's sum per group. */
+static void layout(int m, int k, const float *x, int ldx, int bits, int group, float *xl,
+                   float *xsum) {
+    int vpw = per_word(bits), words = k / vpw, blocks = (words + 7) / 8;
+    for (int r = 0; r < m; r++) {
+        const float *xr = x + (long)r * ldx;
+        float *out = xl + (long)r * blocks * 8 * vpw;
+        for (int b = 0; b < blocks; b++)
+            for (int p = 0; p < vpw; p++)
+                for (int j = 0; j < 8; j++) {
+                    int word = b * 8 + j;
+                    out[((long)b * vpw + p) * 8 + j] = word < words ? xr[word * vpw + p] : 0.0f;
+                }
+        for (int g = 0; g < k / group; g++) {
+            float s = 0.0f;
+            for (int i = 0; i < group; i++) s += xr[g * group + i];
+            xsum[(long)r * (k / group) + g] = s;
+        }
+    }
+}
+
+/* Portable: one output row n for m rows. */
+static void row_scalar(int m, int n, int k, const float *xl, const float *xsum,
+                       const uint32_t *w, const void *scales, const void *biases, int dtype,
+                       int bits, int group, float *y, int ldy) {
+    int vpw = per_word(bits), words = k / vpw, blocks = (words + 7) / 8, groups = k / group;
+    uint32_t mask = (1u << bits) - 1;
+    const uint32_t *wn = w + (long)n * words;
+    for (int r = 0; r < m; r++) {
+        const float *xr = xl + (long)r * blocks * 8 * vpw;
+        float lanes[8] = {0};
+        for (int b = 0; b < blocks; b++) {
+            float acc[8] = {0}, sc[8];
+            for (int j = 0; j < 8; j++) {
+                int word = b * 8 + j;
+                sc[j] = word < words ? param(scales, dtype, (long)n * groups + word * vpw / group)
+                                     : 0.0f;
+            }
+            for (int p = 0; p < vpw; p++)
+                for (int j = 0; j < 8; j++) {
+                    int word = b * 8 + j;
+                    uint32_t v = word < words ? wn[word] : 0;
+                    acc[j] += (float)((v >> (p * bits)) & mask) * xr[((long)b * vpw + p) * 8 + j];
+                }
+            for (int j = 0; j < 8; j++) lanes[j] += acc[j] * sc[j];
+        }
+        float s = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) +
+                  ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+        float bsum = 0.0f;
+        for (int g = 0; g < groups; g++)
+            bsum += param(biases, dtype, (long)n * groups + g) * xsum[(long)r * groups + g];
+        y[(long)r * ldy + n] = s + bsum;
+    }
+}
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+/* A row's scales or biases as float32, eight at a time where the type allows. */
+__attribute__((target("avx2,fma,f16c"))) static inline void params_row(
+    const void *p, int dtype, long base, int count, float *out) {
+    int i = 0;
+    if (dtype == F16)
+        for (; i + 8 <= count; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                          (const __m128i *)((const uint16_t *)p + base + i))));
+    for (; i < count; i++) out[i] = param(p, dtype, base + i);
+}
+
+/* The scale of each lane's word in the block starting at word `first`: one scale
+ * for the block (a group is 8 or more words) or two (4-bit values in groups of 32). */
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 scale_lanes(
+    const float *sf, int first, int words, int vpw, int group) {
+    int g = first * vpw / group;
+    if (first + 8 <= words) {
+        if (group / vpw >= 8) return _mm256_broadcast_ss(sf + g);
+        return _mm256_setr_m128(_mm_broadcast_ss(sf + g), _mm_broadcast_ss(sf + g + 1));
+    }
+    float sc[8];
+    for (int j = 0; j < 8; j++) sc[j] = first + j < words ? sf[(first + j) * vpw / group] : 0.0f;
+    return _mm256_loadu_ps(sc);
+}
+
+/* The sums of row_scalar in the same order, eight lanes at a time (fused
+ * multiply-adds: the last bits may differ from the portable loop's). Inlined into
+ * one function per (rows, bits), so that the accumulators stay in registers and
+ * the shifts are constants. */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void row_avx2_body(
+    const int m, const int bits, int n, int k, const float *xl, const float *xsum,
+    const uint32_t *w, const void *scales, const void *biases, int dtype, int group, float *y,
+    int ldy) {
+    const int vpw = 32 / bits;
+    int words = k / vpw, blocks = (words + 7) / 8, groups = k / group;
+    const uint32_t *wn = w + (long)n * words;
+    long stride = (long)blocks * 8 * vpw;
+    float sf[groups + 8], bf[groups + 8];
+    params_row(scales, dtype, (long)n * groups, groups, sf);
+    params_row(biases, dtype, (long)n * groups, groups, bf);
+    __m256 lanes[MAX_ROWS];
+    for (int r = 0; r < m; r++) lanes[r] = _mm256_setzero_ps();
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    int full = words / 8;
+    for (int b = 0; b < blocks; b++) {
+        __m256i v;
+        if (b < full) {
+            v = _mm256_loadu_si256((const __m256i *)(wn + b * 8));
+        } else {
+            uint32_t tail[8] = {0};
+            memcpy(tail, wn + b * 8, (size_t)(words - b * 8) * 4);
+            v = _mm256_loadu_si256((const __m256i *)tail);
+        }
+        __m256 sc = scale_lanes(sf, b * 8, words, vpw, group);
+        __m256 acc[MAX_ROWS];
+        for (int r = 0; r < m; r++) acc[r] = _mm256_setzero_ps();
+        const float *xb = xl + (long)b * vpw * 8;
+        for (int p = 0; p < vpw; p++) {
+            __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, p * bits), mask));
+            for (int r = 0; r < m; r++)
+                acc[r] = _mm256_fmadd_ps(q, _mm256_loadu_ps(xb + p * 8 + r * stride), acc[r]);
+        }
+        for (int r = 0; r < m; r++) lanes[r] = _mm256_fmadd_ps(acc[r], sc, lanes[r]);
+    }
+    for (int r = 0; r < m; r++) {
+        /* The biases' part in eight lanes too, then one fixed reduction. */
+        const float *xs = xsum + (long)r * groups;
+        int g = 0;
+        for (; g + 8 <= groups; g += 8)
+            lanes[r] = _mm256_fmadd_ps(_mm256_loadu_ps(bf + g), _mm256_loadu_ps(xs + g), lanes[r]);
+        float l[8];
+        _mm256_storeu_ps(l, lanes[r]);
+        float s = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+        for (; g < groups; g++) s += bf[g] * xs[g];
+        y[(long)r * ldy + n] = s;
+    }
+}
+
+typedef void (*row_fn)(int, int, const float *, const float *, const uint32_t *, const void *,
+                       const void *, int, int, float *, int);
+
+#define ROW(M, B)                                                                          \
+    __attribute__((target("avx2,fma,f16c"))) static void row_##M##_##B(                  \
+        int n, int k, const float *xl, const float *xsum, const uint32_t *w,             \
+        const void *scales, const void *biases, int dtype, int group, float *y, int ldy) { \
+        row_avx2_body(M, B, n, k, xl, xsum, w, scales, biases, dtype, group, y, ldy);    \
+    }
+ROW(1, 4) ROW(2, 4) ROW(3, 4) ROW(4, 4) ROW(5, 4) ROW(6, 4) ROW(7, 4) ROW(8, 4)
+ROW(1, 8) ROW(2, 8) ROW(3, 8) ROW(4, 8) ROW(5, 8) ROW(6, 8) ROW(7, 8) ROW(8, 8)
+
+static const row_fn ROWS4[MAX_ROWS] = {row_1_4, row_2_4, row_3_4, row_4_4,
+                                       row_5_4, row_6_4, row_7_4, row_8_4};
+static const row_fn ROWS8[MAX_ROWS] = {row_1_8, row_2_8, row_3_8, row_4_8,
+                                       row_5_8, row_6_8, row_7_8, row_8_8};
+
+static int have_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+}
+#else
+static int have_avx2(void) { return 0; }
+#endif
+
+static int use_avx2 = -1;
+
+/* 0: not AVX2 here (the portable loop runs), 1: AVX2 and FMA. */
+int dnet_qgemv_vectorized(void) {
+    if (use_avx2 < 0) use_avx2 = have_avx2() && !getenv("DNET_QGEMV_PORTABLE");
+    return use_avx2;
+}
+
+/* For tests: run the portable loop (0) or the vector one where the CPU has it (1). */
+void dnet_qgemv_use_vectors(int on) { use_avx2 = on && have_avx2(); }
+
+/* y = x . W^T. Returns 0, or -1 for arguments it does not take. */
+int dnet_qgemv(int m, int n, int k, const float *x, int ldx, const uint32_t *w,
+               const void *scales, const void *biases, int dtype, int bits, int group,
+               float *y, int ldy) {
+    if (m < 1 || m > MAX_ROWS || n < 1 || k < 1 || (bits != 4 && bits != 8) ||
+        (group != 32 && group != 64 && group != 128) || k % group || dtype < F32 ||
+        dtype > BF16)
+        return -1;
+    int vpw = per_word(bits), blocks = (k / vpw + 7) / 8;
+    float *xl = malloc(sizeof(float) * ((size_t)m * blocks * 8 * vpw + (size_t)m * (k / group)));
+    if (!xl) return -1;
+    float *xsum = xl + (size_t)m * blocks * 8 * vpw;
+    layout(m, k, x, ldx, bits, group, xl, xsum);
+    int vec = dnet_qgemv_vectorized();
+    long work = (long)n * k;
+#pragma omp parallel for schedule(static) if (work >= 262144)
+    for (int j = 0; j < n; j++) {
+#if defined(__x86_64__)
+        if (vec) {
+            (bits == 4 ? ROWS4 : ROWS8)[m - 1](j, k, xl, xsum, w, scales, biases, dtype, group,
+                                               y, ldy);
+            continue;
+        }
+#endif
+        row_scalar(m, j, k, xl, xsum, w, scales, biases, dtype, bits, group, y, ldy);
+    }
+    free(xl);
+    return 0;
+}

@@ -1,0 +1,135 @@
+"""dnet's quantized decode kernel (``native/qgemv.c``): its products against MLX's
+``dequantize`` and a float32 matmul for every bits/group/scale-type combination and
+odd shapes, in its vector and portable loops; a row's result the same alone or
+batched; and greedy tokens of routed slices equal to mlx_lm's on the same weights."""
+
+from __future__ import annotations
+
+import itertools
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+
+from dnet.runtime import qgemv
+from dnet.runtime.slice import load_slice
+
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel(tmp_path_factory):
+    if not qgemv.configure(tmp_path_factory.mktemp("native")):
+        pytest.skip("no C compiler")
+    yield
+    qgemv.configure(None)
+
+
+def reference(x, q, s, b, bits, group):
+    w = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=group, bits=bits)
+    return x.astype(mx.float32) @ w.T
+
+
+def quantized(n, k, bits, group, dtype, seed):
+    w = mx.random.normal((n, k), key=mx.random.key(seed)).astype(dtype)
+    return mx.quantize(w, group_size=group, bits=bits)
+
+
+@pytest.mark.parametrize("vectors", [True, False], ids=["avx2", "portable"])
+@pytest.mark.parametrize(("bits", "group"), list(itertools.product((4, 8), (32, 64, 128))))
+def test_products_match_dequantize_then_matmul(vectors, bits, group):
+    qgemv.use_vectors(vectors)
+    try:
+        for i, (dtype, (n, k), rows) in enumerate(
+            itertools.product(DTYPES, [(1, group), (7, 3 * group), (33, 5 * group)], (1, 3, 8))
+        ):
+            q, s, b = quantized(n, k, bits, group, dtype, i)
+            x = mx.random.normal((rows, k), key=mx.random.key(100 + i))
+            got = qgemv.qgemv(x, q, s, b, bits, group)
+            want = reference(x, q, s, b, bits, group)
+            # float32 rounding of a k-term sum, each term of size |w||x|
+            bound = (
+                1e-6
+                * k
+                * float(mx.max(mx.abs(x)))
+                * float(mx.max(mx.abs(mx.dequantize(q, s, b, group_size=group, bits=bits))))
+            )
+            err = float(mx.max(mx.abs(got - want)))
+            assert err <= bound, (dtype, n, k, rows, err, bound)
+    finally:
+        qgemv.use_vectors(True)
+
+
+@pytest.mark.parametrize("vectors", [True, False], ids=["avx2", "portable"])
+def test_a_row_is_the_same_alone_or_batched(vectors):
+    qgemv.use_vectors(vectors)
+    try:
+        for bits, group, dtype in [(4, 32, mx.float16), (8, 64, mx.bfloat16), (4, 128, mx.float32)]:
+            q, s, b = quantized(96, 4 * group, bits, group, dtype, bits + group)
+            x = mx.random.normal((8, 4 * group), key=mx.random.key(7))
+            batched = np.array(qgemv.qgemv(x, q, s, b, bits, group))
+            for r in range(8):
+                alone = np.array(qgemv.qgemv(x[r : r + 1], q, s, b, bits, group))
+                assert np.array_equal(alone[0], batched[r])
+            for m in range(2, 8):
+                part = np.array(qgemv.qgemv(x[:m], q, s, b, bits, group))
+                assert np.array_equal(part, batched[:m])
+    finally:
+        qgemv.use_vectors(True)
+
+
+def test_shapes_the_kernel_does_not_take_stay_on_mlx():
+    q, s, b = quantized(16, 64, 4, 32, mx.float32, 0)
+    with pytest.raises(ValueError, match="refused"):
+        qgemv.qgemv(mx.zeros((9, 64)), q, s, b, 4, 32)  # over 8 rows
+    layer = nn.QuantizedLinear(64, 16, bias=True, group_size=32, bits=4)
+    assert qgemv.route(layer) == 1 and type(layer) is qgemv.FastQuantizedLinear
+    prefill = mx.random.normal((1, 12, 64), key=mx.random.key(3))
+    want = mx.quantized_matmul(
+        prefill, layer.weight, layer.scales, layer.biases, transpose=True, group_size=32, bits=4
+    )
+    assert mx.allclose(layer(prefill), want + layer.bias, atol=1e-4)  # 12 rows: MLX's
+    step = prefill[:, :2]
+    assert mx.allclose(layer(step), want[:, :2] + layer.bias, atol=1e-4)  # 2 rows: the kernel
+
+
+def greedy_reference(path, prompt, n):
+    model, _ = load(str(path))
+    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n)]
+
+
+def greedy_sliced(path, prompt, n, compute_dtype=None):
+    owned = load_slice(path, 0, _layers(path), compute_dtype=compute_dtype)
+    assert any(
+        type(m) is qgemv.FastQuantizedLinear
+        for layer in owned.layers
+        for _, m in layer.named_modules()
+    )
+    cache = owned.make_cache()
+    logits = owned(mx.array([prompt]), cache)
+    out = []
+    for _ in range(n):
+        token = mx.argmax(logits, axis=-1)
+        out.append(int(token.item()))
+        logits = owned(token[:, None], cache)
+    return out
+
+
+def _layers(path):
+    import json
+
+    return json.loads((path / "config.json").read_text())["num_hidden_layers"]
+
+
+@pytest.mark.parametrize(
+    ("arch", "bits", "group"),
+    [("qwen3", 4, 64), ("llama", 4, 32), ("qwen3", 8, 32), ("llama", 8, 128)],
+)
+def test_greedy_tokens_equal_mlx_lm_on_the_same_quantized_weights(tiny_model, arch, bits, group):
+    path = tiny_model(arch=arch, dtype="float32", quantize=bits, group_size=group)
+    prompts = [[1, 5, 9, 13, 200, 31, 7], [300, 2, 2, 2, 40], list(range(3, 40, 3))]
+    for prompt in prompts:
+        assert greedy_sliced(path, prompt, 16) == greedy_reference(path, prompt, 16)
