@@ -8,6 +8,9 @@
                                 [--prompt-tokens 64] [--new-tokens 128]
     scripts/bench.py stall [--streams 3] [--long-prompt 1024] [--chunk 256]
     scripts/bench.py default [--model smollm2-135m] [--new-tokens 128] [--repeats 2]
+    scripts/bench.py transfer --model DIR [--peers 2]
+    scripts/bench.py quant [--models smollm2-q4_1 qwen3-0.6b-q4_0] [--new-tokens 128]
+                           [--threads 2]
 
 Every mode but ``default`` takes ``--shape qwen3-0.6b|qwen3-4b|qwen3-8b`` (default
 qwen3-0.6b, the shape every CPU figure uses) and ``--layers`` (default: the shape's).
@@ -15,6 +18,11 @@ qwen3-0.6b, the shape every CPU figure uses) and ``--layers`` (default: the shap
 ``default``: the default model, the real SmolLM2-135M-Instruct Q4_1 GGUF, through a
 2-peer ring against mlx_lm's own model and ``stream_generate`` over the same weights,
 as stored and with ``--compute-dtype float32`` (see ``scripts/bench_default.py``).
+
+``quant``: quantized decode of dnet (one peer, a 2-peer ring) against llama.cpp on
+the same GGUF file with the same threads, and against the memory-bandwidth limit
+for the packed bytes a step reads (see ``scripts/bench_quant.py``; llama.cpp is
+built into a virtual environment of its own on first use, about six minutes).
 
 ``throughput``: 1, 2, 4 and 8 concurrent streams on a 2-peer loopback ring (64-token
 prompts, 128 new tokens each: about a short chat answer; with only a few new
@@ -75,6 +83,8 @@ import mlx.core as mx
 from bench_common import _loaded_ring, _on_peers, _pct, _time_stream, run_mlx_lm, timed_generate
 from bench_default import add_parser as add_default_parser
 from bench_default import bench_default
+from bench_quant import add_parser as add_quant_parser
+from bench_quant import bench_quant
 from bench_transfer import add_parser as add_transfer_parser
 from bench_transfer import bench_transfer
 from mlx_lm import load
@@ -576,6 +586,7 @@ def main() -> int:
     st.add_argument("--out", help="also write the JSON report here")
     add_default_parser(sub)
     add_transfer_parser(sub)
+    add_quant_parser(sub)
     args = p.parse_args()
     modes = {
         "runtime": bench_runtime,
@@ -584,6 +595,7 @@ def main() -> int:
         "stall": bench_stall,
         "default": bench_default,
         "transfer": bench_transfer,
+        "quant": bench_quant,
     }
     report = modes[args.mode](args)
     text = json.dumps(report, indent=2)

@@ -81,19 +81,18 @@ def test_a_row_is_the_same_alone_or_batched(vectors):
         qgemv.use_vectors(True)
 
 
-def test_shapes_the_kernel_does_not_take_stay_on_mlx():
+def test_a_routed_layer_takes_any_number_of_rows():
     q, s, b = quantized(16, 64, 4, 32, mx.float32, 0)
     with pytest.raises(ValueError, match="refused"):
-        qgemv.qgemv(mx.zeros((9, 64)), q, s, b, 4, 32)  # over 8 rows
+        qgemv.qgemv(mx.zeros((9, 64)), q, s, b, 4, 32)  # the kernel itself: 8 rows at most
     layer = nn.QuantizedLinear(64, 16, bias=True, group_size=32, bits=4)
     assert qgemv.route(layer) == 1 and type(layer) is qgemv.FastQuantizedLinear
-    prefill = mx.random.normal((1, 12, 64), key=mx.random.key(3))
-    want = mx.quantized_matmul(
-        prefill, layer.weight, layer.scales, layer.biases, transpose=True, group_size=32, bits=4
-    )
-    assert mx.allclose(layer(prefill), want + layer.bias, atol=1e-4)  # 12 rows: MLX's
-    step = prefill[:, :2]
-    assert mx.allclose(layer(step), want[:, :2] + layer.bias, atol=1e-4)  # 2 rows: the kernel
+    for rows in (1, 2, 12, 40):  # the kernel; in chunks of 8; float32 tiles
+        x = mx.random.normal((1, rows, 64), key=mx.random.key(rows))
+        want = mx.quantized_matmul(
+            x, layer.weight, layer.scales, layer.biases, transpose=True, group_size=32, bits=4
+        )
+        assert mx.allclose(layer(x), want + layer.bias, atol=1e-4), rows
 
 
 def greedy_reference(path, prompt, n):
@@ -130,6 +129,8 @@ def _layers(path):
 )
 def test_greedy_tokens_equal_mlx_lm_on_the_same_quantized_weights(tiny_model, arch, bits, group):
     path = tiny_model(arch=arch, dtype="float32", quantize=bits, group_size=group)
+    # Prompts of 7, 5, 13 and 40 tokens: prefill by the kernel, in chunks, and in tiles.
     prompts = [[1, 5, 9, 13, 200, 31, 7], [300, 2, 2, 2, 40], list(range(3, 40, 3))]
+    prompts.append(list(range(5, 205, 5)))
     for prompt in prompts:
         assert greedy_sliced(path, prompt, 16) == greedy_reference(path, prompt, 16)
