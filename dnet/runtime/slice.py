@@ -294,10 +294,6 @@ def load_slice(
     )
     del pieces
     _read(owned, progress)
-    if mx.default_device() == mx.cpu:
-        routed = sum(qgemv.route(m) for m in (*layers, embed, head) if isinstance(m, nn.Module))
-        if routed:
-            log.info("%d quantized products go to dnet's kernel in decode", routed)
     log.info(
         "loaded %s layers [%d, %d) of %d: %.1f MiB",
         model.name,
@@ -366,5 +362,9 @@ def _read(owned: LayerSlice, progress: Callable[[int, int], None] | None) -> Non
         mx.eval(part.parameters())
         if progress is not None:
             progress(done, len(parts))
+    if mx.default_device() == mx.cpu:  # before the smoke test, which then runs it
+        routed = sum(qgemv.route(m) for m in parts)
+        if routed:
+            log.info("%d quantized products go to dnet's kernel", routed)
     _smoke_test(owned)
     release_memory()  # the reading's temporaries
