@@ -9,6 +9,12 @@ output head ``product``: the kernel for a few rows (decode), float32 tiles throu
 MLX's float32 product for many (prefill). The kernel runs outside MLX's graph, so
 a routed layer evaluates its input first: a decode step syncs once per product.
 
+Only float32 activations take it (GGUF models' norms are float32, and
+``--compute-dtype float32`` widens the rest). With bfloat16 or float16 activations
+MLX's product rounds each term and the running sum to that type; the kernel sums
+in float32, so greedy tokens could differ from mlx_lm's, and those products stay
+on MLX.
+
 ``configure(cache_dir)`` builds the kernel there (once; needs a C compiler) and
 switches it on; ``DNET_QUANT_KERNEL=0`` keeps MLX's own.
 """
@@ -191,7 +197,7 @@ class FastQuantizedLinear(nn.QuantizedLinear):
     """``nn.QuantizedLinear`` whose products go to ``product``."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if _lib is None:
+        if _lib is None or x.dtype != mx.float32:
             return super().__call__(x)
         out = product(self, x)
         if "bias" in self:
@@ -203,7 +209,7 @@ class FastQuantizedEmbedding(nn.QuantizedEmbedding):
     """``nn.QuantizedEmbedding`` whose output-head products go to ``product``."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        if _lib is None:
+        if _lib is None or x.dtype != mx.float32:
             return super().as_linear(x)
         return product(self, x).astype(x.dtype)
 

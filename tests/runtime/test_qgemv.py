@@ -93,6 +93,15 @@ def test_a_routed_layer_takes_any_number_of_rows():
             x, layer.weight, layer.scales, layer.biases, transpose=True, group_size=32, bits=4
         )
         assert mx.allclose(layer(x), want + layer.bias, atol=1e-4), rows
+    # Half-precision activations stay on MLX's product, exactly (see qgemv's doc).
+    half = nn.QuantizedLinear(64, 16, bias=False, group_size=32, bits=4)
+    half.set_dtype(mx.bfloat16)
+    qgemv.route(half)
+    x = mx.random.normal((1, 2, 64), key=mx.random.key(9)).astype(mx.bfloat16)
+    want = mx.quantized_matmul(
+        x, half.weight, half.scales, half.biases, transpose=True, group_size=32, bits=4
+    )
+    assert mx.array_equal(half(x), want)
 
 
 def greedy_reference(path, prompt, n):
