@@ -117,12 +117,15 @@ async def measure_links(
     return links
 
 
-async def profile_devices(cluster: Cluster, dtype: str, hidden: int) -> list[DeviceProfile]:
+async def profile_devices(
+    cluster: Cluster, dtype: str, hidden: int, bits: int = 0
+) -> list[DeviceProfile]:
     """Each connected peer's measured (or cached) rates, in the order connected."""
     profiles: dict[str, Profile] = {}
 
     async def one(peer_id: str) -> None:
-        profiles[peer_id] = await cluster.peer(peer_id).call(ProfileRequest(dtype, hidden), Profile)
+        request = ProfileRequest(dtype, hidden, bits)
+        profiles[peer_id] = await cluster.peer(peer_id).call(request, Profile)
 
     async with trio.open_nursery() as nursery:
         for p in cluster.peers:
@@ -165,7 +168,11 @@ async def prepare_topology(
     )
     if dtype == "bfloat16" and "float16" in str(info.config.get("torch_dtype", "")):
         dtype = "float16"
-    devices = await profile_devices(cluster, dtype, int(info.config["hidden_size"]))
+    # A quantized model is measured quantized: its packed bytes at the rate of the
+    # product its slices use (dnet's kernel, for float32 activations).
+    bits = int((info.config.get("quantization") or {}).get("bits") or 0)
+    bits = bits if bits in (4, 8) else 0
+    devices = await profile_devices(cluster, dtype, int(info.config["hidden_size"]), bits)
     links = await measure_links(cluster, [d.peer_id for d in devices])
     plan: Plan = solve(
         profile, devices, links, context=context, objective=objective, prompt_tokens=prompt_tokens

@@ -251,7 +251,7 @@ class PeerDaemon(RequestWork, SliceLoading):
         if isinstance(message, StatusRequest):
             return self.status()
         if isinstance(message, ProfileRequest):
-            return await self.measurements.profile(message.dtype, message.hidden)
+            return await self.measurements.profile(message.dtype, message.hidden, message.bits)
         if isinstance(message, HaveRequest):
             held = await trio.to_thread.run_sync(self.weights.held, message.model_id)
             return Have(message.model_id, held)

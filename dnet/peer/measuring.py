@@ -39,23 +39,31 @@ class PeerMeasurements:
         self._name = name
         self._state_dir = state_dir
         self.max_memory = max_memory
-        self._rates: dict[tuple[str, int], DeviceRates] = {}
+        self._rates: dict[tuple[str, int, int], DeviceRates] = {}
 
-    async def profile(self, dtype: str, hidden: int) -> Profile:
+    async def profile(self, dtype: str, hidden: int, bits: int = 0) -> Profile:
         """Raises:
-        ProtocolError: a dtype or width no model has.
+        ProtocolError: a dtype, width or quantization no model has.
         """
-        if dtype not in DTYPES or not 16 <= hidden <= 65536:
-            raise ProtocolError(f"cannot profile dtype {dtype!r} at width {hidden}")
+        if (
+            dtype not in DTYPES
+            or not 16 <= hidden <= 65536
+            or bits not in (0, 4, 8)
+            or (bits and hidden % 32)
+        ):
+            raise ProtocolError(f"cannot profile dtype {dtype!r} at width {hidden}, {bits} bits")
+        key = (dtype, hidden, bits)
         if self._state_dir is not None:
-            rates, cached = await self._compute.run(cached_rates, self._state_dir, dtype, hidden)
-        elif (dtype, hidden) in self._rates:
-            rates, cached = self._rates[(dtype, hidden)], True
+            rates, cached = await self._compute.run(
+                cached_rates, self._state_dir, dtype, hidden, bits
+            )
+        elif key in self._rates:
+            rates, cached = self._rates[key], True
         else:
-            rates = await self._compute.run(measure, dtype, hidden)
+            rates = await self._compute.run(measure, dtype, hidden, 64, 1024, bits)
             disk = await trio.to_thread.run_sync(measure_disk, Path(tempfile.gettempdir()))
             rates, cached = attrs.evolve(rates, disk_read_bytes_s=disk), False
-        self._rates[(dtype, hidden)] = rates
+        self._rates[key] = rates
         total, available = memory()
         if self.max_memory:
             available = min(available, self.max_memory)

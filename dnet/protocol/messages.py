@@ -73,10 +73,11 @@ class Status:
 @attrs.frozen
 class ProfileRequest:
     """Measure (or recall) this device's rates for a model of this activation dtype
-    and width."""
+    and width, its weights quantized to ``bits`` (0: not quantized)."""
 
     dtype: str = "float32"
     hidden: int = 4096
+    bits: int = 0
 
 
 @attrs.frozen

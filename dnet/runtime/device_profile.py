@@ -22,6 +22,7 @@ from typing import Any
 
 import attrs
 import mlx.core as mx
+import mlx.nn as nn
 import psutil
 
 from dnet.runtime.arrays import DTYPES
@@ -86,15 +87,26 @@ def measure_disk(directory: Path, mib: int = 64) -> float:
 
 
 def measure(
-    dtype: str = "float32", hidden: int = 4096, matvec_mib: int = 64, matmul_n: int = 1024
+    dtype: str = "float32",
+    hidden: int = 4096,
+    matvec_mib: int = 64,
+    matmul_n: int = 1024,
+    bits: int = 0,
 ) -> DeviceRates:
     """Measure on the calling thread (the compute thread, in a peer).
 
     Bandwidth: one position through a stack of ``[4 * hidden, hidden]`` weights,
     ``matvec_mib`` in all, in the layout slices use on this device (transposed on
     CPU, see ``dnet.runtime.layout``): the shapes and the working set of a decode step of
-    a model that wide.
+    a model that wide. With ``bits``, the weights are quantized (groups of 32) and
+    the bandwidth counts their packed bytes, through the product a quantized slice
+    uses here (dnet's kernel for float32 activations, else MLX's); the layer
+    overhead is a quantized block's.
     """
+    if bits:
+        rates = _measure_quantized(dtype, hidden, matvec_mib, bits)
+        release_memory()
+        return rates
     rates = _measure(dtype, hidden, matvec_mib, matmul_n)
     release_memory()  # the test matrices
     return rates
@@ -125,9 +137,36 @@ def _measure(dtype: str, hidden: int, matvec_mib: int, matmul_n: int) -> DeviceR
     )
 
 
-def measure_layer_overhead(layers: int = 8) -> float:
+def _measure_quantized(dtype: str, hidden: int, matvec_mib: int, bits: int) -> DeviceRates:
+    from dnet.runtime import qgemv
+
+    dt = DTYPES[dtype]
+    if not (qgemv.enabled() and dt == mx.float32):
+        # MLX's own product: tens of MB/s with half-precision activations, so a
+        # smaller sample (the rate, not the cache's reach, is what it shows).
+        matvec_mib = min(matvec_mib, 4)
+    rows = max(32, min(4 * hidden, matvec_mib * 2**20 * 8 // bits // hidden) // 32 * 32)
+    count = max(1, matvec_mib * 2**20 * 8 // bits // (rows * hidden))
+    layers = []
+    for _ in range(count):
+        layer = nn.QuantizedLinear(hidden, rows, bias=False, group_size=32, bits=bits)
+        layer.set_dtype(dt)
+        qgemv.route(layer)
+        layers.append(layer)
+    x = mx.random.normal((1, hidden)).astype(dt)
+    mx.eval(x, [m.parameters() for m in layers])
+    packed = sum(m.weight.nbytes + m.scales.nbytes + m.biases.nbytes for m in layers)
+    matvec = _best_time(lambda: mx.eval([m(x) for m in layers]), 5)
+    flops = 2 * rows * hidden * count / matvec  # a decode step's rate, as good as any
+    return DeviceRates(
+        dtype, packed / matvec, flops, layer_overhead_s=measure_layer_overhead(bits=bits)
+    )
+
+
+def measure_layer_overhead(layers: int = 8, bits: int = 0) -> float:
     """Seconds a decoder layer costs beyond reading its weights: a stack of tiny
-    mlx_lm blocks (negligible bytes), one position, evaluated once, per layer."""
+    mlx_lm blocks (negligible bytes), one position, evaluated once, per layer;
+    quantized to ``bits`` (and routed as a quantized slice's) if given."""
     from mlx_lm.models import llama
     from mlx_lm.models.cache import KVCache
 
@@ -144,6 +183,11 @@ def measure_layer_overhead(layers: int = 8) -> float:
         )
     )
     block = llama.TransformerBlock(args)
+    if bits:
+        from dnet.runtime import qgemv
+
+        nn.quantize(block, group_size=32, bits=bits)
+        qgemv.route(block)
     mx.eval(block.parameters())
     x = mx.random.normal((1, 1, 64))
 
@@ -156,7 +200,7 @@ def measure_layer_overhead(layers: int = 8) -> float:
     return _best_time(step, 10) / layers
 
 
-def _cache_key(dtype: str, hidden: int) -> str:
+def _cache_key(dtype: str, hidden: int, bits: int = 0) -> str:
     uname = platform.uname()
     return "|".join(
         [
@@ -169,15 +213,24 @@ def _cache_key(dtype: str, hidden: int) -> str:
             dtype,
             str(hidden),
             "columns",  # the weight layout measured (bumped when it changes)
+            *([f"q{bits}", "kernel" if _quant_kernel() else "mlx"] if bits else []),
         ]
     )
 
 
-def cached_rates(state_dir: Path, dtype: str, hidden: int = 4096) -> tuple[DeviceRates, bool]:
-    """The rates for ``dtype``, measured once per hardware/software combination;
-    returns whether they came from the cache."""
+def _quant_kernel() -> bool:
+    from dnet.runtime import qgemv
+
+    return qgemv.enabled()
+
+
+def cached_rates(
+    state_dir: Path, dtype: str, hidden: int = 4096, bits: int = 0
+) -> tuple[DeviceRates, bool]:
+    """The rates for ``dtype`` (weights quantized to ``bits``, if given), measured once
+    per hardware/software combination; returns whether they came from the cache."""
     path = state_dir / CACHE_FILE
-    key = _cache_key(dtype, hidden)
+    key = _cache_key(dtype, hidden, bits)
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -191,7 +244,9 @@ def cached_rates(state_dir: Path, dtype: str, hidden: int = 4096) -> tuple[Devic
             float(entry.get("disk_read_bytes_s", 0.0)),
             float(entry.get("layer_overhead_s", 0.0)),
         ), True
-    rates = attrs.evolve(measure(dtype, hidden), disk_read_bytes_s=measure_disk(state_dir))
+    rates = attrs.evolve(
+        measure(dtype, hidden, bits=bits), disk_read_bytes_s=measure_disk(state_dir)
+    )
     cache[key] = attrs.asdict(rates)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
