@@ -55,6 +55,21 @@ def peers_with_own_homes(tmp_path, hubs):
     return peers
 
 
+def head_of(peers, tmp_path):
+    """A head over ``peers`` with its cache in ``tmp_path``."""
+    return open_cluster(
+        [p.address for p in peers],
+        Identity.generate(),
+        CLUSTER_KEY,
+        cache_dir=tmp_path / "head-cache",
+    )
+
+
+def split(cluster):
+    """The plan of ``CUTS`` over the cluster's peers, in the order they connected."""
+    return [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(cluster.peers, CUTS, strict=True)]
+
+
 def tensor_bytes(spans):
     return sum(s.end - s.begin for v in spans.values() for s in v if s.name)
 
@@ -78,20 +93,12 @@ async def test_a_ring_loads_a_model_only_the_hub_has(repo, tmp_path, monkeypatch
         monkeypatch.setenv("HF_ENDPOINT", head_hub.endpoint)
         peers = peers_with_own_homes(tmp_path, [hub0, hub1])
         try:
-            async with open_cluster(
-                [p.address for p in peers],
-                Identity.generate(),
-                CLUSTER_KEY,
-                cache_dir=tmp_path / "head-cache",
-            ) as cluster:
+            async with head_of(peers, tmp_path) as cluster:
                 model = await cluster.open_model(REPO)
                 # The head read the headers and small files, no tensor.
                 assert (model.path / MARKER).is_file()
                 assert head_hub.sent["model.safetensors"] < 64 << 10
-                plan = [
-                    PlanEntry(p.peer_id, s, e)
-                    for p, (s, e) in zip(cluster.peers, CUTS, strict=True)
-                ]
+                plan = split(cluster)
                 with trio.fail_after(120):
                     ring = await cluster.load(model, plan)
                     assert await generate(ring, prompt) == expected
@@ -176,16 +183,8 @@ async def test_peers_use_copies_they_already_have(repo, tmp_path, monkeypatch):
                     env={**env, **home1},
                 )
             )
-            async with open_cluster(
-                [p.address for p in peers],
-                Identity.generate(),
-                CLUSTER_KEY,
-                cache_dir=tmp_path / "head-cache",
-            ) as cluster:
-                plan = [
-                    PlanEntry(p.peer_id, s, e)
-                    for p, (s, e) in zip(cluster.peers, CUTS, strict=True)
-                ]
+            async with head_of(peers, tmp_path) as cluster:
+                plan = split(cluster)
                 for ref in (REPO, repo):  # from the hub's stub; from the head's own copy
                     model = await cluster.open_model(str(ref))
                     with trio.fail_after(120):
@@ -222,17 +221,9 @@ async def test_a_slice_no_source_can_give_fails_the_load_at_once(repo, tmp_path,
         monkeypatch.setenv("HF_ENDPOINT", head_hub.endpoint)
         peers = peers_with_own_homes(tmp_path, [hub, hub])
         try:
-            async with open_cluster(
-                [p.address for p in peers],
-                Identity.generate(),
-                CLUSTER_KEY,
-                cache_dir=tmp_path / "head-cache",
-            ) as cluster:
+            async with head_of(peers, tmp_path) as cluster:
                 model = await cluster.open_model(REPO)
-                plan = [
-                    PlanEntry(p.peer_id, s, e)
-                    for p, (s, e) in zip(cluster.peers, CUTS, strict=True)
-                ]
+                plan = split(cluster)
                 with trio.fail_after(30), pytest.raises(PeerError) as failed:
                     await cluster.load(model, plan)
                 assert "no source gave bytes" in failed.value.message
@@ -267,16 +258,8 @@ async def test_one_gguf_file_of_a_hub_repo(repo, tmp_path, monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", head_hub.endpoint)
         peers = peers_with_own_homes(tmp_path, [hub0, hub1])
         try:
-            async with open_cluster(
-                [p.address for p in peers],
-                Identity.generate(),
-                CLUSTER_KEY,
-                cache_dir=tmp_path / "head-cache",
-            ) as cluster:
-                plan = [
-                    PlanEntry(p.peer_id, s, e)
-                    for p, (s, e) in zip(cluster.peers, CUTS, strict=True)
-                ]
+            async with head_of(peers, tmp_path) as cluster:
+                plan = split(cluster)
                 ring = await cluster.load(local, plan)
                 expected = await generate(ring, prompt)
                 await ring.unload()
@@ -320,9 +303,7 @@ async def test_a_peer_killed_halfway_fetches_only_the_rest(repo, tmp_path, monke
         env["HF_ENDPOINT"] = hub.endpoint
         peers = [PeerProcess(tmp_path / "state", key, "resumer", env=env)]
         try:
-            async with open_cluster(
-                [peers[0].address], Identity.generate(), CLUSTER_KEY, cache_dir=tmp_path / "hc"
-            ) as cluster:
+            async with head_of(peers, tmp_path) as cluster:
                 model = await cluster.open_model(REPO)
                 plan = [PlanEntry(peers[0].peer_id, 0, 8)]
 
@@ -361,13 +342,8 @@ async def test_a_ring_loads_a_model_only_the_head_has(repo, tmp_path):
     with StandInHub({}) as hub:
         peers = peers_with_own_homes(tmp_path, [hub, hub])
         try:
-            async with open_cluster(
-                [p.address for p in peers], Identity.generate(), CLUSTER_KEY
-            ) as cluster:
-                plan = [
-                    PlanEntry(p.peer_id, s, e)
-                    for p, (s, e) in zip(cluster.peers, CUTS, strict=True)
-                ]
+            async with head_of(peers, tmp_path) as cluster:
+                plan = split(cluster)
                 with trio.fail_after(120):
                     ring = await cluster.load(model, plan)
                 fetched = [r.fetched_bytes for r in ring.loaded]
