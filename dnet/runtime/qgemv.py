@@ -149,14 +149,13 @@ def qgemv(
     return Packed(weight, scales, biases, bits, group_size)(x)
 
 
-_packed: dict[int, Packed] = {}  # by id of the routed module
-
-
 def _packed_for(m: nn.Module) -> Packed:
-    found = _packed.get(id(m))
+    """The module's matrix as the kernel reads it, kept on the module (so it goes
+    when the module goes: an unloaded slice's weights must not stay alive here)."""
+    found: Packed | None = getattr(m, "_dnet_packed", None)
     if found is None or found.arrays[0] is not m["weight"]:
         found = Packed(m["weight"], m["scales"], m["biases"], m.bits, m.group_size)
-        _packed[id(m)] = found
+        object.__setattr__(m, "_dnet_packed", found)
     return found
 
 
