@@ -102,7 +102,7 @@ def stream_range(hub: HubSource, name: str, begin: int, end: int) -> Iterator[by
         raise OSError(f"the hub sent {got} of {end - begin} bytes of {name}")
 
 
-def hub_source(path: Path) -> HubSource | None:
+def hub_origin(path: Path) -> HubSource | None:
     """The hub repo and commit a model came from: a stub's marker, or a path in the
     HF cache (``models--ORG--NAME/snapshots/COMMIT/...``)."""
     directory = path if path.is_dir() else path.parent

@@ -23,7 +23,7 @@ import attrs
 import cattrs
 
 from dnet.models.gguf import stored_nbytes
-from dnet.models.hub import hub_source, stub_hashes
+from dnet.models.hub import hub_origin, stub_hashes
 from dnet.models.model_dir import ModelDir
 from dnet.protocol.messages import FileSpans, HubSource, Span
 
@@ -51,11 +51,6 @@ class Manifest:
         content = cattrs.unstructure((self.format, self.files))
         data = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return "dm" + hashlib.sha256(data.encode()).hexdigest()[:40]
-
-    @property
-    def on_hub_only(self) -> bool:
-        """The head holds only the headers: tensors come from the hub."""
-        return any(not s.sha256 for f in self.files for s in f.spans)
 
     @property
     def size(self) -> int:
@@ -130,7 +125,7 @@ def build_manifest(model: ModelDir) -> Manifest:
         else hash_spans(p, _layout(model, p))
         for p in _model_files(model)
     )
-    return Manifest(model.format, files, hub_source(model.path))
+    return Manifest(model.format, files, hub_origin(model.path))
 
 
 def manifest_for(model: ModelDir, cache_dir: Path) -> Manifest:

@@ -70,6 +70,15 @@ def split(cluster):
     return [PlanEntry(p.peer_id, s, e) for p, (s, e) in zip(cluster.peers, CUTS, strict=True)]
 
 
+def assert_each_fetched_its_slice(hubs, slices, file):
+    """Each peer's stand-in sent it its slice's tensors of ``file``, and next to
+    nothing more (headers, small files, 5%)."""
+    for hub, spans in zip(hubs, slices, strict=True):
+        headers = sum(s.end - s.begin for v in spans.values() for s in v if not s.name)
+        assert tensor_bytes(spans) <= hub.sent[file]
+        assert hub.total <= 1.05 * tensor_bytes(spans) + headers
+
+
 def tensor_bytes(spans):
     return sum(s.end - s.begin for v in spans.values() for s in v if s.name)
 
@@ -103,10 +112,7 @@ async def test_a_ring_loads_a_model_only_the_hub_has(repo, tmp_path, monkeypatch
                     ring = await cluster.load(model, plan)
                     assert await generate(ring, prompt) == expected
                 # Each peer downloaded its slice's tensors, and next to nothing more.
-                for hub, spans in zip([hub0, hub1], slices, strict=True):
-                    headers = sum(s.end - s.begin for v in spans.values() for s in v if not s.name)
-                    assert tensor_bytes(spans) <= hub.sent["model.safetensors"]
-                    assert hub.total <= 1.05 * tensor_bytes(spans) + headers
+                assert_each_fetched_its_slice([hub0, hub1], slices, "model.safetensors")
                 # A second load takes nothing from the hub or the head.
                 before = [hub0.total, hub1.total]
                 await ring.unload()
@@ -271,11 +277,8 @@ async def test_one_gguf_file_of_a_hub_repo(repo, tmp_path, monkeypatch):
                 with trio.fail_after(120):
                     ring = await cluster.load(model, plan)
                 assert await generate(ring, prompt) == expected
-                for hub, spans in zip([hub0, hub1], slices, strict=True):
-                    headers = sum(s.end - s.begin for v in spans.values() for s in v if not s.name)
-                    assert tensor_bytes(spans) <= hub.sent["tiny-q8.gguf"]
-                    assert hub.total <= 1.05 * tensor_bytes(spans) + headers
-                    assert hub.sent["tiny-f16.gguf"] == 0
+                assert_each_fetched_its_slice([hub0, hub1], slices, "tiny-q8.gguf")
+                assert hub0.sent["tiny-f16.gguf"] == hub1.sent["tiny-f16.gguf"] == 0
         finally:
             stop_all(peers)
 
