@@ -58,12 +58,17 @@ def build_dispatch(cache_dir: Path) -> Path | None:
     return build_native(_DISPATCH_SOURCE, cache_dir, ["-ldl"])
 
 
-def build_native(source_path: Path, cache_dir: Path, libs: list[str] | None = None) -> Path | None:
-    """A C file of ``native/`` compiled into a shared library in ``cache_dir`` on
-    first use (keyed by its source and flags, so processes building at once are
-    fine); ``None`` without a C compiler or when the build fails. Tries OpenMP
-    first."""
-    source = source_path.read_bytes()
+def build_native(
+    source_path: Path,
+    cache_dir: Path,
+    libs: list[str] | None = None,
+    also: tuple[Path, ...] = (),
+) -> Path | None:
+    """A C file of ``native/`` (and the files ``also`` names, linked with it)
+    compiled into a shared library in ``cache_dir`` on first use (keyed by the
+    sources and flags, so processes building at once are fine); ``None`` without a
+    C compiler or when the build fails. Tries OpenMP first."""
+    source = b"".join(p.read_bytes() for p in (source_path, *also))
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     for flags in (["-O3", "-fopenmp"], ["-O3"]):
         tag = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:12]
@@ -78,7 +83,17 @@ def build_native(source_path: Path, cache_dir: Path, libs: list[str] | None = No
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
             os.close(fd)
             subprocess.run(
-                [cc, *flags, "-shared", "-fPIC", "-o", tmp, str(source_path), *(libs or [])],
+                [
+                    cc,
+                    *flags,
+                    "-shared",
+                    "-fPIC",
+                    "-o",
+                    tmp,
+                    str(source_path),
+                    *map(str, also),
+                    *(libs or []),
+                ],
                 check=True,
                 capture_output=True,
                 timeout=60,

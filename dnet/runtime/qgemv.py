@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 8
 _SOURCE = Path(__file__).parent / "native" / "qgemv.c"
+_DECODE = Path(__file__).parent / "native" / "decode.c"  # the fused step (dnet.runtime.fused)
 _DTYPES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 _lib: Any = None
 
@@ -48,7 +49,7 @@ def configure(cache_dir: Path | None, enabled: bool = True) -> bool:
     if not enabled or cache_dir is None:
         _lib = None
         return False
-    path = build_native(_SOURCE, cache_dir)
+    path = build_native(_SOURCE, cache_dir, ["-lm"], also=(_DECODE,))
     if path is None:
         log.info("no C compiler: quantized products stay on MLX")
         _lib = None
@@ -57,12 +58,19 @@ def configure(cache_dir: Path | None, enabled: bool = True) -> bool:
     lib.dnet_qgemv.restype = ctypes.c_int
     i, p = ctypes.c_int, ctypes.c_void_p
     lib.dnet_qgemv.argtypes = [i, i, i, p, i, p, p, p, i, i, i, p, i]
+    lib.dnet_decode_layers.restype = ctypes.c_int
+    lib.dnet_decode_layers.argtypes = [p, p, p, i, i, p, i, p, p, p]
     _lib = lib
     return True
 
 
 def enabled() -> bool:
     return _lib is not None
+
+
+def library() -> Any:
+    """The loaded library (``None`` when products stay on MLX)."""
+    return _lib
 
 
 def use_vectors(on: bool) -> None:

@@ -36,6 +36,7 @@ from dnet.runtime.arrays import dtype_name
 from dnet.runtime.blas import skinny_products_tuned
 from dnet.runtime.device_profile import release_memory
 from dnet.runtime.embedding import FileEmbedding
+from dnet.runtime.fused import FusedDecode
 from dnet.runtime.layout import columns_layouts
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class LayerSlice:
         self.vocab_size = int(model.config["vocab_size"])
         self.activation_dtype = self._activation_dtype()
         self.batching = True  # decode steps of several requests as one batch; see load_slice
+        self.fused: FusedDecode | None = None  # decode steps in one C call; see load_slice
         self.weight_bytes = sum(p.nbytes for _, p in tree_flatten(self.parameters()))
 
     @property
@@ -128,6 +130,11 @@ class LayerSlice:
     def __call__(self, x: mx.array, cache: list[KVCache]) -> mx.array:
         """Run the slice lazily. Returns hidden states ``[B, T, H]``, or on the last
         slice the logits of the last position ``[B, vocab]``."""
+        if self.fused is not None and x.shape[1] == 1:
+            h = self.embed(x) if self.embed is not None and self.is_first else x
+            out = self.fused(h, cache)
+            if out is not None:
+                return self.finish(out)
         h, mask = self.begin(x, cache)
         return self.finish(self.run_layers(h, mask, cache, 0, self.num_layers))
 
@@ -366,5 +373,6 @@ def _read(owned: LayerSlice, progress: Callable[[int, int], None] | None) -> Non
         routed = sum(qgemv.route(m) for m in parts)
         if routed:
             log.info("%d quantized products go to dnet's kernel", routed)
+            owned.fused = FusedDecode.plan(owned.layers)
     _smoke_test(owned)
     release_memory()  # the reading's temporaries

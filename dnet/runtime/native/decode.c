@@ -1,0 +1,198 @@
+/* One decode step of the dense llama/qwen layer, whole, for a few rows: the layers
+ * a slice holds, one after another, in one call and without MLX.
+ *
+ * Built into one library with qgemv.c, whose products it calls. Per layer:
+ *
+ *   h = x + o(attention(rope(norm_q(q(rms(x)))), rope(norm_k(k(rms(x)))), v(rms(x))))
+ *   x = h + down(silu(gate(rms(h))) * up(rms(h)))
+ *
+ * what mlx_lm's llama, qwen2 and qwen3 blocks compute, in float32. The keys and
+ * values are written into mlx_lm's own cache arrays (KVCache or BatchKVCache), at
+ * the cache's write slot, so that a decode step here and a prefill by MLX share
+ * them. Row r attends over slots [start[r], slot]. Rotary angles come from MLX's
+ * own rope as a table of cosines and sines per row (dnet.runtime.fused), so every
+ * rope variant MLX implements gives the same angles here.
+ *
+ * The order of each sum is fixed and does not depend on the number of rows: a
+ * row's result is the same alone or batched.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+int dnet_qgemv(int m, int n, int k, const float *x, int ldx, const uint32_t *w,
+               const void *scales, const void *biases, int dtype, int bits, int group,
+               float *y, int ldy);
+
+enum { CHUNK = 8 };
+
+typedef struct {
+    const uint32_t *w;
+    const void *scales, *biases;
+    const float *bias; /* an added bias (qwen2's q, k, v), or NULL */
+    int32_t n, k, dtype, bits, group, pad;
+} dnet_qmatrix;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm; /* [hidden] */
+    const float *q_norm, *k_norm;      /* [head_dim] (qwen3), or NULL */
+    dnet_qmatrix q, k, v, o, gate, up, down;
+} dnet_layer;
+
+typedef struct {
+    int32_t hidden, heads, kv_heads, head_dim, inter, rope_dims, rope_traditional, pad;
+    float eps, qk_eps, scale, pad2;
+} dnet_shape;
+
+/* Where a layer's cache is: element strides of [batch, kv head, slot] (the head
+ * dimension is contiguous). */
+typedef struct {
+    float *keys, *values;
+    int64_t kb, kh, kt, vb, vh, vt;
+} dnet_kv;
+
+static int product(const dnet_qmatrix *m, int rows, const float *x, float *y) {
+    for (int r = 0; r < rows; r += CHUNK) {
+        int n = rows - r < CHUNK ? rows - r : CHUNK;
+        if (dnet_qgemv(n, m->n, m->k, x + (long)r * m->k, m->k, m->w, m->scales, m->biases,
+                       m->dtype, m->bits, m->group, y + (long)r * m->n, m->n))
+            return -1;
+    }
+    if (m->bias)
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < m->n; j++) y[(long)r * m->n + j] += m->bias[j];
+    return 0;
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w, as mx.fast.rms_norm. */
+static void rms(int n, const float *x, const float *w, float eps, float *y) {
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += x[i] * x[i];
+    float inv = 1.0f / sqrtf(s / (float)n + eps);
+    for (int i = 0; i < n; i++) y[i] = w[i] * (x[i] * inv);
+}
+
+/* Rotate the first `dims` values of a head by the row's table: cos[i], sin[i] for
+ * pair i, pairs (i, i + dims/2), or (2i, 2i + 1) when traditional. */
+static void rope(float *x, int dims, int traditional, const float *cs, const float *sn) {
+    int half = dims / 2;
+    for (int i = 0; i < half; i++) {
+        int a = traditional ? 2 * i : i, b = traditional ? 2 * i + 1 : i + half;
+        float x1 = x[a], x2 = x[b];
+        x[a] = x1 * cs[i] - x2 * sn[i];
+        x[b] = x1 * sn[i] + x2 * cs[i];
+    }
+}
+
+/* One head of one row: out = softmax(q.K^T * scale) V over slots [first, last]. */
+static void attend(const float *q, const float *keys, int64_t kt, const float *values,
+                   int64_t vt, int first, int last, int d, float scale, float *p, float *out) {
+    float qs[d];
+    for (int i = 0; i < d; i++) qs[i] = q[i] * scale;
+    float top = -INFINITY;
+    for (int t = first; t <= last; t++) {
+        const float *kr = keys + t * kt;
+        float s = 0.0f;
+        for (int i = 0; i < d; i++) s += qs[i] * kr[i];
+        p[t - first] = s;
+        if (s > top) top = s;
+    }
+    float sum = 0.0f;
+    for (int t = 0; t <= last - first; t++) {
+        p[t] = expf(p[t] - top);
+        sum += p[t];
+    }
+    for (int i = 0; i < d; i++) out[i] = 0.0f;
+    for (int t = 0; t <= last - first; t++) {
+        float w = p[t] / sum;
+        const float *vr = values + (first + t) * vt;
+        for (int i = 0; i < d; i++) out[i] += w * vr[i];
+    }
+}
+
+typedef struct {
+    float *h, *q, *k, *v, *a, *g, *u, *p;
+} scratch;
+
+static int attention_block(const dnet_shape *s, const dnet_layer *l, const dnet_kv *kv,
+                           int rows, float *x, int slot, const int32_t *start,
+                           const float *cos_t, const float *sin_t, scratch *w) {
+    int hd = s->head_dim, hq = s->heads * hd, hk = s->kv_heads * hd, half = s->rope_dims / 2;
+    for (int r = 0; r < rows; r++)
+        rms(s->hidden, x + (long)r * s->hidden, l->attn_norm, s->eps, w->h + (long)r * s->hidden);
+    if (product(&l->q, rows, w->h, w->q) || product(&l->k, rows, w->h, w->k) ||
+        product(&l->v, rows, w->h, w->v))
+        return -1;
+    for (int r = 0; r < rows; r++) {
+        const float *cs = cos_t + (long)r * half, *sn = sin_t + (long)r * half;
+        for (int h = 0; h < s->heads; h++) {
+            float *qh = w->q + (long)r * hq + h * hd;
+            if (l->q_norm) rms(hd, qh, l->q_norm, s->qk_eps, qh);
+            rope(qh, s->rope_dims, s->rope_traditional, cs, sn);
+        }
+        for (int h = 0; h < s->kv_heads; h++) {
+            float *kh = w->k + (long)r * hk + h * hd;
+            if (l->k_norm) rms(hd, kh, l->k_norm, s->qk_eps, kh);
+            rope(kh, s->rope_dims, s->rope_traditional, cs, sn);
+            memcpy(kv->keys + r * kv->kb + h * kv->kh + slot * kv->kt, kh, sizeof(float) * hd);
+            memcpy(kv->values + r * kv->vb + h * kv->vh + slot * kv->vt,
+                   w->v + (long)r * hk + h * hd, sizeof(float) * hd);
+        }
+    }
+    int group = s->heads / s->kv_heads;
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < s->heads; h++) {
+            int g = h / group;
+            attend(w->q + (long)r * hq + h * hd, kv->keys + r * kv->kb + g * kv->kh, kv->kt,
+                   kv->values + r * kv->vb + g * kv->vh, kv->vt, start[r], slot, hd, s->scale,
+                   w->p, w->a + (long)r * hq + h * hd);
+        }
+    if (product(&l->o, rows, w->a, w->h)) return -1;
+    for (long i = 0; i < (long)rows * s->hidden; i++) x[i] += w->h[i];
+    return 0;
+}
+
+static int mlp_block(const dnet_shape *s, const dnet_layer *l, int rows, float *x, scratch *w) {
+    for (int r = 0; r < rows; r++)
+        rms(s->hidden, x + (long)r * s->hidden, l->mlp_norm, s->eps, w->h + (long)r * s->hidden);
+    if (product(&l->gate, rows, w->h, w->g) || product(&l->up, rows, w->h, w->u)) return -1;
+    for (long i = 0; i < (long)rows * s->inter; i++) {
+        float g = w->g[i];
+        w->g[i] = g * (1.0f / (1.0f + expf(-g))) * w->u[i];
+    }
+    if (product(&l->down, rows, w->g, w->h)) return -1;
+    for (long i = 0; i < (long)rows * s->hidden; i++) x[i] += w->h[i];
+    return 0;
+}
+
+/* Layers [0, count) for `rows` rows of x ([rows][hidden], updated in place): the
+ * new keys and values go to slot `slot` of each layer's cache; row r attends over
+ * [start[r], slot]; cos_t and sin_t are [rows][rope_dims / 2]. Returns 0, or -1
+ * (arguments the products refuse, or no memory). */
+int dnet_decode_layers(const dnet_shape *s, const dnet_layer *layers, const dnet_kv *kv,
+                       int count, int rows, float *x, int slot, const int32_t *start,
+                       const float *cos_t, const float *sin_t) {
+    if (rows < 1 || slot < 0 || s->heads % s->kv_heads) return -1;
+    long hq = (long)s->heads * s->head_dim, hk = (long)s->kv_heads * s->head_dim;
+    long wide = hq > s->hidden ? hq : s->hidden;
+    long total = rows * (wide + hq + 2 * hk + hq + 2L * s->inter) + slot + 1;
+    float *buf = malloc(sizeof(float) * total);
+    if (!buf) return -1;
+    scratch w;
+    w.h = buf;
+    w.q = w.h + rows * wide;
+    w.k = w.q + rows * hq;
+    w.v = w.k + rows * hk;
+    w.a = w.v + rows * hk;
+    w.g = w.a + rows * hq;
+    w.u = w.g + (long)rows * s->inter;
+    w.p = w.u + (long)rows * s->inter;
+    int status = 0;
+    for (int i = 0; i < count && status == 0; i++) {
+        status = attention_block(s, &layers[i], &kv[i], rows, x, slot, start, cos_t, sin_t, &w);
+        if (status == 0) status = mlp_block(s, &layers[i], rows, x, &w);
+    }
+    free(buf);
+    return status;
+}
