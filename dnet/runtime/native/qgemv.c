@@ -165,7 +165,32 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void row_a
     for (int r = 0; r < m; r++) lanes[r] = _mm256_setzero_ps();
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
     int full = words / 8;
-    for (int b = 0; b < blocks; b++) {
+    /* `u` blocks at a time, their sums interleaved: each block's sum is a chain of
+     * dependent FMAs, and one chain at a time left the FMA units waiting on their
+     * latency (6 GB/s a core). The order of every sum is unchanged. */
+    const int u = m <= 2 ? 4 : m <= 4 ? 2 : 1;
+    int b = 0;
+    for (; b + u <= full; b += u) {
+        __m256i v[4];
+        __m256 acc[4][MAX_ROWS];
+        for (int j = 0; j < u; j++) {
+            v[j] = _mm256_loadu_si256((const __m256i *)(wn + (b + j) * 8));
+            for (int r = 0; r < m; r++) acc[j][r] = _mm256_setzero_ps();
+        }
+        for (int p = 0; p < vpw; p++)
+            for (int j = 0; j < u; j++) {
+                const float *xb = xl + (long)(b + j) * vpw * 8 + p * 8;
+                __m256 q = _mm256_cvtepi32_ps(
+                    _mm256_and_si256(_mm256_srli_epi32(v[j], p * bits), mask));
+                for (int r = 0; r < m; r++)
+                    acc[j][r] = _mm256_fmadd_ps(q, _mm256_loadu_ps(xb + r * stride), acc[j][r]);
+            }
+        for (int j = 0; j < u; j++) {
+            __m256 sc = scale_lanes(sf, (b + j) * 8, words, vpw, group);
+            for (int r = 0; r < m; r++) lanes[r] = _mm256_fmadd_ps(acc[j][r], sc, lanes[r]);
+        }
+    }
+    for (; b < blocks; b++) {
         __m256i v;
         if (b < full) {
             v = _mm256_loadu_si256((const __m256i *)(wn + b * 8));
