@@ -135,7 +135,7 @@ def bench_quant(args) -> dict:
         "mode": "quant",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "threads": args.threads,
-        "quant_kernel": qgemv.enabled() and ("avx2" if qgemv.vectorized() else "portable"),
+        "quant_kernel": qgemv.enabled() and qgemv.vectorized(),
         "read_bandwidth_bytes_s": bandwidth,
         "new_tokens": args.new_tokens,
         "prompt": PROMPT,

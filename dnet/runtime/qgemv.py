@@ -73,15 +73,19 @@ def library() -> Any:
     return _lib
 
 
-def use_vectors(on: bool) -> None:
-    """For tests: the portable loop (False) or the AVX2 one where the CPU has it."""
+LOOPS = ("portable", "avx2", "avx512")  # the kernel's loops, by level
+
+
+def use_vectors(level: int) -> None:
+    """For tests: run the loop of ``level`` (an index of ``LOOPS``), or the best
+    below it that the CPU has."""
     if _lib is not None:
-        _lib.dnet_qgemv_use_vectors(int(on))
+        _lib.dnet_qgemv_use_vectors(int(level))
 
 
-def vectorized() -> bool:
-    """Whether the kernel runs its AVX2 loop here (else the portable one)."""
-    return bool(_lib is not None and _lib.dnet_qgemv_vectorized())
+def vectorized() -> str:
+    """The loop the kernel runs here (one of ``LOOPS``)."""
+    return LOOPS[_lib.dnet_qgemv_vectorized()] if _lib is not None else "portable"
 
 
 def _ptr(a: np.ndarray) -> int:

@@ -61,20 +61,22 @@ static inline float param(const void *p, int dtype, long i) {
 /* Values per word, and of those, which x each multiplies once laid out. */
 static inline int per_word(int bits) { return 32 / bits; }
 
-/* Lay x (M rows of K) out for blocks of 8 words: for block b, value position p and
- * lane j, the x that word 8b+j's p-th value multiplies; a last partial block is
- * laid out the same, its missing lanes zero. Also each row's sum per group. */
-static void layout(int m, int k, const float *x, int ldx, int bits, int group, float *xl,
-                   float *xsum) {
-    int vpw = per_word(bits), words = k / vpw, blocks = (words + 7) / 8;
+/* Lay x (M rows of K) out for blocks of `lanes` words (8, or 16 for AVX-512): for
+ * block b, value position p and lane j, the x that word lanes*b+j's p-th value
+ * multiplies; a last partial block is laid out the same, its missing lanes zero.
+ * Also each row's sum per group. */
+static void layout(int m, int k, const float *x, int ldx, int bits, int group, int lanes,
+                   float *xl, float *xsum) {
+    int vpw = per_word(bits), words = k / vpw, blocks = (words + lanes - 1) / lanes;
     for (int r = 0; r < m; r++) {
         const float *xr = x + (long)r * ldx;
-        float *out = xl + (long)r * blocks * 8 * vpw;
+        float *out = xl + (long)r * blocks * lanes * vpw;
         for (int b = 0; b < blocks; b++)
             for (int p = 0; p < vpw; p++)
-                for (int j = 0; j < 8; j++) {
-                    int word = b * 8 + j;
-                    out[((long)b * vpw + p) * 8 + j] = word < words ? xr[word * vpw + p] : 0.0f;
+                for (int j = 0; j < lanes; j++) {
+                    int word = b * lanes + j;
+                    out[((long)b * vpw + p) * lanes + j] =
+                        word < words ? xr[word * vpw + p] : 0.0f;
                 }
         for (int g = 0; g < k / group; g++) {
             float s = 0.0f;
@@ -241,6 +243,103 @@ static const row_fn ROWS4[MAX_ROWS] = {row_1_4, row_2_4, row_3_4, row_4_4,
 static const row_fn ROWS8[MAX_ROWS] = {row_1_8, row_2_8, row_3_8, row_4_8,
                                        row_5_8, row_6_8, row_7_8, row_8_8};
 
+/* The same sums over blocks of 16 words in AVX-512 registers: half the
+ * instructions of the AVX2 loop for the same work (its own order, so a row's
+ * result is the same alone or batched within this loop). */
+#define T512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw")))
+T512 __attribute__((always_inline)) static inline void row_avx512_body(
+    const int m, const int bits, int n, int k, const float *xl, const float *xsum,
+    const uint32_t *w, const void *scales, const void *biases, int dtype, int group, float *y,
+    int ldy) {
+    const int vpw = 32 / bits;
+    int words = k / vpw, blocks = (words + 15) / 16, groups = k / group;
+    const uint32_t *wn = w + (long)n * words;
+    long stride = (long)blocks * 16 * vpw;
+    float sf[groups + 16], bf[groups + 16];
+    params_row(scales, dtype, (long)n * groups, groups, sf);
+    params_row(biases, dtype, (long)n * groups, groups, bf);
+    for (int i = groups; i < groups + 16; i++) sf[i] = 0.0f;
+    __m512 lanes[MAX_ROWS];
+    for (int r = 0; r < m; r++) lanes[r] = _mm512_setzero_ps();
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+    const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i word_values = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(vpw));
+    const int shift = group == 32 ? 5 : group == 64 ? 6 : 7;
+    const int u = m <= 4 ? 4 : 2;
+    for (int b = 0; b < blocks; b += u) {
+        int here = blocks - b < u ? blocks - b : u;
+        __m512i v[4];
+        __m512 acc[4][MAX_ROWS];
+        for (int j = 0; j < 4; j++) {
+            if (j >= here) break;
+            int left = words - (b + j) * 16;
+            v[j] = left >= 16 ? _mm512_loadu_si512(wn + (b + j) * 16)
+                              : _mm512_maskz_loadu_epi32((__mmask16)((1u << left) - 1),
+                                                         wn + (b + j) * 16);
+            for (int r = 0; r < m; r++) acc[j][r] = _mm512_setzero_ps();
+        }
+        for (int p = 0; p < vpw; p++)
+            for (int j = 0; j < 4; j++) {
+                if (j >= here) break;
+                const float *xb = xl + (long)(b + j) * vpw * 16 + p * 16;
+                /* 4 bits: the value's float by a table lookup, which reads only the
+                 * low 4 bits of each lane (no mask, no conversion). */
+                __m512 q = bits == 4 ? _mm512_permutexvar_ps(
+                                           p ? _mm512_srli_epi32(v[j], p * bits) : v[j], table)
+                                     : _mm512_cvtepi32_ps(_mm512_and_si512(
+                                           _mm512_srli_epi32(v[j], p * bits), mask));
+                for (int r = 0; r < m; r++)
+                    acc[j][r] = _mm512_fmadd_ps(q, _mm512_loadu_ps(xb + r * stride), acc[j][r]);
+            }
+        for (int j = 0; j < 4; j++) {
+            if (j >= here) break;
+            int first = (b + j) * 16 * vpw; /* the block's first value */
+            __m512i idx = _mm512_srli_epi32(
+                _mm512_add_epi32(word_values, _mm512_set1_epi32(first & (group - 1))), shift);
+            __m512 sc = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sf + first / group));
+            for (int r = 0; r < m; r++) lanes[r] = _mm512_fmadd_ps(acc[j][r], sc, lanes[r]);
+        }
+    }
+    for (int r = 0; r < m; r++) {
+        const float *xs = xsum + (long)r * groups;
+        int g = 0;
+        for (; g + 16 <= groups; g += 16)
+            lanes[r] = _mm512_fmadd_ps(_mm512_loadu_ps(bf + g), _mm512_loadu_ps(xs + g), lanes[r]);
+        float l[16];
+        _mm512_storeu_ps(l, lanes[r]);
+        float s = 0.0f;
+        for (int i = 0; i < 8; i++) l[i] += l[i + 8];
+        s = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+        for (; g < groups; g++) s += bf[g] * xs[g];
+        y[(long)r * ldy + n] = s;
+    }
+}
+
+#define ROW512(M, B)                                                                       \
+    T512 static void row512_##M##_##B(int n, int k, const float *xl, const float *xsum,    \
+                                      const uint32_t *w, const void *scales,               \
+                                      const void *biases, int dtype, int group, float *y,  \
+                                      int ldy) {                                           \
+        row_avx512_body(M, B, n, k, xl, xsum, w, scales, biases, dtype, group, y, ldy);    \
+    }
+ROW512(1, 4) ROW512(2, 4) ROW512(3, 4) ROW512(4, 4) ROW512(5, 4) ROW512(6, 4) ROW512(7, 4)
+ROW512(8, 4) ROW512(1, 8) ROW512(2, 8) ROW512(3, 8) ROW512(4, 8) ROW512(5, 8) ROW512(6, 8)
+ROW512(7, 8) ROW512(8, 8)
+
+static const row_fn ROWS512_4[MAX_ROWS] = {row512_1_4, row512_2_4, row512_3_4, row512_4_4,
+                                           row512_5_4, row512_6_4, row512_7_4, row512_8_4};
+static const row_fn ROWS512_8[MAX_ROWS] = {row512_1_8, row512_2_8, row512_3_8, row512_4_8,
+                                           row512_5_8, row512_6_8, row512_7_8, row512_8_8};
+
+static int have_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
 static int have_avx2(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -250,16 +349,27 @@ static int have_avx2(void) {
 static int have_avx2(void) { return 0; }
 #endif
 
-static int use_avx2 = -1;
+static int level = -1; /* 0: portable loop, 1: AVX2, 2: AVX-512 */
 
-/* 0: not AVX2 here (the portable loop runs), 1: AVX2 and FMA. */
-int dnet_qgemv_vectorized(void) {
-    if (use_avx2 < 0) use_avx2 = have_avx2() && !getenv("DNET_QGEMV_PORTABLE");
-    return use_avx2;
+static int best_level(void) {
+#if defined(__x86_64__)
+    if (have_avx512()) return 2;
+#endif
+    return have_avx2();
 }
 
-/* For tests: run the portable loop (0) or the vector one where the CPU has it (1). */
-void dnet_qgemv_use_vectors(int on) { use_avx2 = on && have_avx2(); }
+/* The loop that runs here: 0 portable, 1 AVX2 and FMA, 2 AVX-512. */
+int dnet_qgemv_vectorized(void) {
+    if (level < 0) level = getenv("DNET_QGEMV_PORTABLE") ? 0 : best_level();
+    return level;
+}
+
+/* For tests: run the loop of `want` (as above), or the best below it the CPU has. */
+void dnet_qgemv_use_vectors(int want) {
+    int best = best_level();
+    level = want < best ? want : best;
+    if (level == 1 && !have_avx2()) level = 0;
+}
 
 /* y = x . W^T. Returns 0, or -1 for arguments it does not take. */
 int dnet_qgemv(int m, int n, int k, const float *x, int ldx, const uint32_t *w,
@@ -269,17 +379,23 @@ int dnet_qgemv(int m, int n, int k, const float *x, int ldx, const uint32_t *w,
         (group != 32 && group != 64 && group != 128) || k % group || dtype < F32 ||
         dtype > BF16)
         return -1;
-    int vpw = per_word(bits), blocks = (k / vpw + 7) / 8;
-    float *xl = malloc(sizeof(float) * ((size_t)m * blocks * 8 * vpw + (size_t)m * (k / group)));
+    int vec = dnet_qgemv_vectorized(), lanes = vec == 2 ? 16 : 8;
+    int vpw = per_word(bits), blocks = (k / vpw + lanes - 1) / lanes;
+    size_t laid = (size_t)m * blocks * lanes * vpw;
+    float *xl = malloc(sizeof(float) * (laid + (size_t)m * (k / group)));
     if (!xl) return -1;
-    float *xsum = xl + (size_t)m * blocks * 8 * vpw;
-    layout(m, k, x, ldx, bits, group, xl, xsum);
-    int vec = dnet_qgemv_vectorized();
+    float *xsum = xl + laid;
+    layout(m, k, x, ldx, bits, group, lanes, xl, xsum);
     long work = (long)n * k;
 #pragma omp parallel for schedule(static) if (work >= 262144)
     for (int j = 0; j < n; j++) {
 #if defined(__x86_64__)
-        if (vec) {
+        if (vec == 2) {
+            (bits == 4 ? ROWS512_4 : ROWS512_8)[m - 1](j, k, xl, xsum, w, scales, biases, dtype,
+                                                       group, y, ldy);
+            continue;
+        }
+        if (vec == 1) {
             (bits == 4 ? ROWS4 : ROWS8)[m - 1](j, k, xl, xsum, w, scales, biases, dtype, group,
                                                y, ldy);
             continue;
