@@ -85,16 +85,27 @@ static void rope(float *x, int dims, int traditional, const float *cs, const flo
     }
 }
 
-/* One head of one row: out = softmax(q.K^T * scale) V over slots [first, last]. */
+/* A dot product of n values in eight running sums (so the compiler can keep them
+ * in one vector), added in a fixed order. */
+static inline float dot(const float *a, const float *b, int n) {
+    float part[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) part[j] += a[i + j] * b[i + j];
+    float s = ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* One head of one row: out = softmax(q.K^T * scale) V over slots [first, last];
+ * p holds last - first + 1 scores. */
 static void attend(const float *q, const float *keys, int64_t kt, const float *values,
                    int64_t vt, int first, int last, int d, float scale, float *p, float *out) {
     float qs[d];
     for (int i = 0; i < d; i++) qs[i] = q[i] * scale;
     float top = -INFINITY;
     for (int t = first; t <= last; t++) {
-        const float *kr = keys + t * kt;
-        float s = 0.0f;
-        for (int i = 0; i < d; i++) s += qs[i] * kr[i];
+        float s = dot(qs, keys + t * kt, d);
         p[t - first] = s;
         if (s > top) top = s;
     }
@@ -106,8 +117,9 @@ static void attend(const float *q, const float *keys, int64_t kt, const float *v
     for (int i = 0; i < d; i++) out[i] = 0.0f;
     for (int t = 0; t <= last - first; t++) {
         float w = p[t] / sum;
-        const float *vr = values + (first + t) * vt;
-        for (int i = 0; i < d; i++) out[i] += w * vr[i];
+        const float *restrict vr = values + (first + t) * vt;
+        float *restrict o = out;
+        for (int i = 0; i < d; i++) o[i] += w * vr[i];
     }
 }
 
@@ -140,14 +152,15 @@ static int attention_block(const dnet_shape *s, const dnet_layer *l, const dnet_
                    w->v + (long)r * hk + h * hd, sizeof(float) * hd);
         }
     }
-    int group = s->heads / s->kv_heads;
-    for (int r = 0; r < rows; r++)
-        for (int h = 0; h < s->heads; h++) {
-            int g = h / group;
-            attend(w->q + (long)r * hq + h * hd, kv->keys + r * kv->kb + g * kv->kh, kv->kt,
-                   kv->values + r * kv->vb + g * kv->vh, kv->vt, start[r], slot, hd, s->scale,
-                   w->p, w->a + (long)r * hq + h * hd);
-        }
+    int group = s->heads / s->kv_heads, span = slot + 1;
+    long work = (long)rows * s->heads * span * hd;
+#pragma omp parallel for schedule(static) if (work >= 65536)
+    for (int rh = 0; rh < rows * s->heads; rh++) {
+        int r = rh / s->heads, h = rh % s->heads, g = h / group;
+        attend(w->q + (long)r * hq + h * hd, kv->keys + r * kv->kb + g * kv->kh, kv->kt,
+               kv->values + r * kv->vb + g * kv->vh, kv->vt, start[r], slot, hd, s->scale,
+               w->p + (long)rh * span, w->a + (long)r * hq + h * hd);
+    }
     if (product(&l->o, rows, w->a, w->h)) return -1;
     for (long i = 0; i < (long)rows * s->hidden; i++) x[i] += w->h[i];
     return 0;
@@ -176,7 +189,7 @@ int dnet_decode_layers(const dnet_shape *s, const dnet_layer *layers, const dnet
     if (rows < 1 || slot < 0 || s->heads % s->kv_heads) return -1;
     long hq = (long)s->heads * s->head_dim, hk = (long)s->kv_heads * s->head_dim;
     long wide = hq > s->hidden ? hq : s->hidden;
-    long total = rows * (wide + hq + 2 * hk + hq + 2L * s->inter) + slot + 1;
+    long total = rows * (wide + hq + 2 * hk + hq + 2L * s->inter + (long)s->heads * (slot + 1));
     float *buf = malloc(sizeof(float) * total);
     if (!buf) return -1;
     scratch w;
