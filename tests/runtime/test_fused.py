@@ -62,13 +62,19 @@ def _assert_caches_close(mine, theirs):
 
 
 @pytest.mark.parametrize(
-    ("arch", "bits", "group"),
-    [("qwen3", 4, 64), ("llama", 4, 32), ("qwen2", 8, 32), ("qwen3", 8, 64)],
+    ("arch", "bits", "group", "hidden"),
+    [
+        ("qwen3", 4, 64, 64),
+        ("llama", 4, 32, 64),
+        ("qwen2", 8, 32, 64),
+        ("qwen3", 8, 64, 64),
+        ("qwen3", 4, 32, 256),  # layers big enough for the step's threads
+    ],
 )
-def test_a_fused_step_computes_what_the_mlx_layers_compute(tiny_model, arch, bits, group):
+def test_a_fused_step_computes_what_the_mlx_layers_compute(tiny_model, arch, bits, group, hidden):
     # A middle slice (hidden states in and out) and a last one (logits out).
     for start, end in ((1, 3), (0, None)):
-        owned = _slice(tiny_model, arch, bits, group, start, end)
+        owned = _slice(tiny_model, arch, bits, group, start, end, hidden=hidden)
         run = Both(owned)
         mine, theirs = owned.make_cache(), owned.make_cache()
         rng = np.random.default_rng(3)
