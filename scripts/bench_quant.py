@@ -82,6 +82,9 @@ def qwen3_gguf(cache_dir: Path) -> Path:
 
 async def _dnet_runs(procs, cuts, gguf, prompt, n, repeats):
     async with _loaded_ring(procs, gguf, cuts) as (ring, load_s):
+        # Both sides decode all n tokens: llama.cpp's runs go past end-of-sequence,
+        # and SmolLM2 ends this story after 6 tokens (5 steps timed, too few).
+        ring.tokenizer.eos_token_ids = frozenset()
         await timed_generate(ring, prompt[:8], 2)  # warm-up
         return load_s, [await timed_generate(ring, prompt, n) for _ in range(repeats)]
 

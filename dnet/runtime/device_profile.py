@@ -183,15 +183,24 @@ def measure_layer_overhead(layers: int = 8, bits: int = 0) -> float:
         )
     )
     block = llama.TransformerBlock(args)
+    fused = None
     if bits:
         from dnet.runtime import qgemv
+        from dnet.runtime.fused import FusedDecode
 
         nn.quantize(block, group_size=32, bits=bits)
         qgemv.route(block)
+        fused = FusedDecode.plan([block] * layers)  # what a quantized slice's steps run
     mx.eval(block.parameters())
     x = mx.random.normal((1, 1, 64))
+    caches = [KVCache() for _ in range(layers)]
 
     def step() -> None:
+        if fused is not None:
+            mx.eval(fused(x, caches))
+            for c in caches:
+                c.trim(1)
+            return
         h = x
         for cache in [KVCache() for _ in range(layers)]:
             h = block(h, None, cache)
@@ -213,7 +222,7 @@ def _cache_key(dtype: str, hidden: int, bits: int = 0) -> str:
             dtype,
             str(hidden),
             "columns",  # the weight layout measured (bumped when it changes)
-            *([f"q{bits}", "kernel" if _quant_kernel() else "mlx"] if bits else []),
+            *([f"q{bits}", "fused-kernel" if _quant_kernel() else "mlx"] if bits else []),
         ]
     )
 

@@ -3,6 +3,11 @@ affine-quantized products read SmolLM2's 4-bit layers at ~0.4 GB/s (a 576x576
 projection took 0.44 ms a call, 125 of a token's 145 ms). ``native/qgemv.c`` reads
 each packed weight once and dequantizes it in registers, for up to 8 rows.
 
+The kernel has three loops: AVX-512 (blocks of 16 words; a 4-bit value's float by
+a 16-entry table lookup), AVX2 with FMA and F16C, and a portable one; the best the
+CPU has runs. A decode step of a dense llama/qwen slice calls it from C, all layers
+in one call (``dnet.runtime.fused``).
+
 ``route(module)`` gives a loaded slice's ``QuantizedLinear`` layers (affine mode,
 4 or 8 bits, groups of 32, 64 or 128) and a quantized tied embedding used as the
 output head ``product``: the kernel for a few rows (decode), float32 tiles through
