@@ -139,10 +139,16 @@ class Packed:
         # stream thread (~65 us here). The products sharing an input (q, k, v; gate,
         # up) then sync once between them.
         mx.eval(x)
-        xs = np.asarray(x).reshape(rows, self.k)
-        if not xs.flags["C_CONTIGUOUS"]:
-            xs = np.ascontiguousarray(xs)
-        out = np.empty((*x.shape[:-1], self.n), dtype=np.float32)
+        out = self.on_host(np.asarray(x).reshape(rows, self.k))
+        return mx.array(out.reshape(*x.shape[:-1], self.n))
+
+    def on_host(self, xs: np.ndarray) -> np.ndarray:
+        """``xs @ W.T`` for float32 rows ``xs`` ``[rows, k]`` (at most ``MAX_ROWS``)
+        in host memory, without MLX."""
+        rows = xs.shape[0]
+        if not xs.flags["C_CONTIGUOUS"] or xs.dtype != np.float32:
+            xs = np.ascontiguousarray(xs, dtype=np.float32)
+        out = np.empty((rows, self.n), dtype=np.float32)
         w, s, b = self.pointers
         status = _lib.dnet_qgemv(
             rows, self.n, self.k, _ptr(xs), self.k, w, s, b, self.dtype, self.bits,
@@ -150,7 +156,7 @@ class Packed:
         )  # fmt: skip
         if status != 0:
             raise ValueError(f"the quantized kernel refused {rows}x{self.k} by {self.n}x{self.k}")
-        return mx.array(out)
+        return out
 
 
 def qgemv(

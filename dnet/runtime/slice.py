@@ -16,6 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchKVCache, KVCache
@@ -36,7 +37,7 @@ from dnet.runtime.arrays import dtype_name
 from dnet.runtime.blas import skinny_products_tuned
 from dnet.runtime.device_profile import release_memory
 from dnet.runtime.embedding import FileEmbedding
-from dnet.runtime.fused import FusedDecode
+from dnet.runtime.fused import FusedDecode, output_head
 from dnet.runtime.layout import columns_layouts
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class LayerSlice:
             h = self.embed(x) if self.embed is not None and self.is_first else x
             out = self.fused(h, cache)
             if out is not None:
-                return self.finish(out)
+                return self._finish_fused(out)
         h, mask = self.begin(x, cache)
         return self.finish(self.run_layers(h, mask, cache, 0, self.num_layers))
 
@@ -153,6 +154,16 @@ class LayerSlice:
         for i in range(first, last):
             h = self.layers[i](h, mask, cache[i])
         return h
+
+    def _finish_fused(self, x: np.ndarray) -> mx.array:
+        """``finish`` for the fused step's hidden states ``[rows, hidden]`` (host)."""
+        if self.is_last:
+            assert self.norm is not None
+            head = self.head if self.head is not None else self.embed
+            logits = output_head(x, self.norm, head)
+            if logits is not None:
+                return logits
+        return self.finish(mx.array(x[:, None, :]))
 
     def finish(self, h: mx.array) -> mx.array:
         """What the slice returns for the last layer's hidden states ``h``."""
