@@ -247,6 +247,42 @@ static const row_fn ROWS8[MAX_ROWS] = {row_1_8, row_2_8, row_3_8, row_4_8,
  * instructions of the AVX2 loop for the same work (its own order, so a row's
  * result is the same alone or batched within this loop). */
 #define T512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw")))
+/* Blocks b..b+u-1 of one output row into `lanes`; each block's sum in the order
+ * the portable loop's comment gives, u of them interleaved. */
+T512 __attribute__((always_inline)) static inline void blocks512(
+    const int m, const int bits, const int u, int b, int words, int vpw, int group, int shift,
+    const uint32_t *wn, const float *xl, long stride, const float *sf, __m512 table,
+    __m512i mask, __m512i word_values, __m512 *lanes) {
+    __m512i v[4];
+    __m512 acc[4][MAX_ROWS];
+    for (int j = 0; j < u; j++) {
+        int left = words - (b + j) * 16;
+        v[j] = left >= 16 ? _mm512_loadu_si512(wn + (b + j) * 16)
+                          : _mm512_maskz_loadu_epi32((__mmask16)((1u << left) - 1),
+                                                     wn + (b + j) * 16);
+        for (int r = 0; r < m; r++) acc[j][r] = _mm512_setzero_ps();
+    }
+    for (int p = 0; p < vpw; p++)
+        for (int j = 0; j < u; j++) {
+            const float *xb = xl + (long)(b + j) * vpw * 16 + p * 16;
+            /* 4 bits: the value's float by a table lookup, which reads only the low 4
+             * bits of each lane (no mask, no conversion). */
+            __m512 q = bits == 4 ? _mm512_permutexvar_ps(
+                                       p ? _mm512_srli_epi32(v[j], p * bits) : v[j], table)
+                                 : _mm512_cvtepi32_ps(_mm512_and_si512(
+                                       _mm512_srli_epi32(v[j], p * bits), mask));
+            for (int r = 0; r < m; r++)
+                acc[j][r] = _mm512_fmadd_ps(q, _mm512_loadu_ps(xb + r * stride), acc[j][r]);
+        }
+    for (int j = 0; j < u; j++) {
+        int first = (b + j) * 16 * vpw; /* the block's first value */
+        __m512i idx = _mm512_srli_epi32(
+            _mm512_add_epi32(word_values, _mm512_set1_epi32(first & (group - 1))), shift);
+        __m512 sc = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sf + first / group));
+        for (int r = 0; r < m; r++) lanes[r] = _mm512_fmadd_ps(acc[j][r], sc, lanes[r]);
+    }
+}
+
 T512 __attribute__((always_inline)) static inline void row_avx512_body(
     const int m, const int bits, int n, int k, const float *xl, const float *xsum,
     const uint32_t *w, const void *scales, const void *biases, int dtype, int group, float *y,
@@ -267,41 +303,16 @@ T512 __attribute__((always_inline)) static inline void row_avx512_body(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         _mm512_set1_epi32(vpw));
     const int shift = group == 32 ? 5 : group == 64 ? 6 : 7;
+    /* u blocks at a time (a constant, so the sums stay in registers), then the
+     * rest one by one. */
     const int u = m <= 4 ? 4 : 2;
-    for (int b = 0; b < blocks; b += u) {
-        int here = blocks - b < u ? blocks - b : u;
-        __m512i v[4];
-        __m512 acc[4][MAX_ROWS];
-        for (int j = 0; j < 4; j++) {
-            if (j >= here) break;
-            int left = words - (b + j) * 16;
-            v[j] = left >= 16 ? _mm512_loadu_si512(wn + (b + j) * 16)
-                              : _mm512_maskz_loadu_epi32((__mmask16)((1u << left) - 1),
-                                                         wn + (b + j) * 16);
-            for (int r = 0; r < m; r++) acc[j][r] = _mm512_setzero_ps();
-        }
-        for (int p = 0; p < vpw; p++)
-            for (int j = 0; j < 4; j++) {
-                if (j >= here) break;
-                const float *xb = xl + (long)(b + j) * vpw * 16 + p * 16;
-                /* 4 bits: the value's float by a table lookup, which reads only the
-                 * low 4 bits of each lane (no mask, no conversion). */
-                __m512 q = bits == 4 ? _mm512_permutexvar_ps(
-                                           p ? _mm512_srli_epi32(v[j], p * bits) : v[j], table)
-                                     : _mm512_cvtepi32_ps(_mm512_and_si512(
-                                           _mm512_srli_epi32(v[j], p * bits), mask));
-                for (int r = 0; r < m; r++)
-                    acc[j][r] = _mm512_fmadd_ps(q, _mm512_loadu_ps(xb + r * stride), acc[j][r]);
-            }
-        for (int j = 0; j < 4; j++) {
-            if (j >= here) break;
-            int first = (b + j) * 16 * vpw; /* the block's first value */
-            __m512i idx = _mm512_srli_epi32(
-                _mm512_add_epi32(word_values, _mm512_set1_epi32(first & (group - 1))), shift);
-            __m512 sc = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sf + first / group));
-            for (int r = 0; r < m; r++) lanes[r] = _mm512_fmadd_ps(acc[j][r], sc, lanes[r]);
-        }
-    }
+    int b = 0;
+    for (; b + u <= blocks; b += u)
+        blocks512(m, bits, u, b, words, vpw, group, shift, wn, xl, stride, sf, table, mask,
+                  word_values, lanes);
+    for (; b < blocks; b++)
+        blocks512(m, bits, 1, b, words, vpw, group, shift, wn, xl, stride, sf, table, mask,
+                  word_values, lanes);
     for (int r = 0; r < m; r++) {
         const float *xs = xsum + (long)r * groups;
         int g = 0;
