@@ -127,6 +127,10 @@ static void row_scalar(int m, int n, int k, const float *xl, const float *xsum,
 __attribute__((target("avx2,fma,f16c"))) static inline void params_row(
     const void *p, int dtype, long base, int count, float *out) {
     int i = 0;
+    if (dtype == F32) {
+        memcpy(out, (const float *)p + base, sizeof(float) * count);
+        return;
+    }
     if (dtype == F16)
         for (; i + 8 <= count; i += 8)
             _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(
