@@ -138,17 +138,21 @@ __attribute__((target("avx2,fma,f16c"))) static inline void params_row(
     for (; i < count; i++) out[i] = param(p, dtype, base + i);
 }
 
+/* log2 of a group size (32, 64 or 128): groups are found by shifts, not by
+ * divisions, which cost tens of cycles a block. */
+static inline int group_shift(int group) { return group == 32 ? 5 : group == 64 ? 6 : 7; }
+
 /* The scale of each lane's word in the block starting at word `first`: one scale
  * for the block (a group is 8 or more words) or two (4-bit values in groups of 32). */
 __attribute__((target("avx2,fma,f16c"))) static inline __m256 scale_lanes(
-    const float *sf, int first, int words, int vpw, int group) {
-    int g = first * vpw / group;
+    const float *sf, int first, int words, int vpw, int gshift) {
+    int g = (first * vpw) >> gshift;
     if (first + 8 <= words) {
-        if (group / vpw >= 8) return _mm256_broadcast_ss(sf + g);
+        if (((1 << gshift) / vpw) >= 8) return _mm256_broadcast_ss(sf + g);
         return _mm256_setr_m128(_mm_broadcast_ss(sf + g), _mm_broadcast_ss(sf + g + 1));
     }
     float sc[8];
-    for (int j = 0; j < 8; j++) sc[j] = first + j < words ? sf[(first + j) * vpw / group] : 0.0f;
+    for (int j = 0; j < 8; j++) sc[j] = first + j < words ? sf[((first + j) * vpw) >> gshift] : 0.0f;
     return _mm256_loadu_ps(sc);
 }
 
@@ -160,8 +164,8 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void row_a
     const int m, const int bits, int n, int k, const float *xl, const float *xsum,
     const uint32_t *w, const void *scales, const void *biases, int dtype, int group, float *y,
     int ldy) {
-    const int vpw = 32 / bits;
-    int words = k / vpw, blocks = (words + 7) / 8, groups = k / group;
+    const int vpw = 32 / bits, gshift = group_shift(group);
+    int words = k / vpw, blocks = (words + 7) / 8, groups = k >> gshift;
     const uint32_t *wn = w + (long)n * words;
     long stride = (long)blocks * 8 * vpw;
     float sf[groups + 8], bf[groups + 8];
@@ -192,7 +196,7 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void row_a
                     acc[j][r] = _mm256_fmadd_ps(q, _mm256_loadu_ps(xb + r * stride), acc[j][r]);
             }
         for (int j = 0; j < u; j++) {
-            __m256 sc = scale_lanes(sf, (b + j) * 8, words, vpw, group);
+            __m256 sc = scale_lanes(sf, (b + j) * 8, words, vpw, gshift);
             for (int r = 0; r < m; r++) lanes[r] = _mm256_fmadd_ps(acc[j][r], sc, lanes[r]);
         }
     }
@@ -205,7 +209,7 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void row_a
             memcpy(tail, wn + b * 8, (size_t)(words - b * 8) * 4);
             v = _mm256_loadu_si256((const __m256i *)tail);
         }
-        __m256 sc = scale_lanes(sf, b * 8, words, vpw, group);
+        __m256 sc = scale_lanes(sf, b * 8, words, vpw, gshift);
         __m256 acc[MAX_ROWS];
         for (int r = 0; r < m; r++) acc[r] = _mm256_setzero_ps();
         const float *xb = xl + (long)b * vpw * 8;
@@ -282,7 +286,7 @@ T512 __attribute__((always_inline)) static inline void blocks512(
         int first = (b + j) * 16 * vpw; /* the block's first value */
         __m512i idx = _mm512_srli_epi32(
             _mm512_add_epi32(word_values, _mm512_set1_epi32(first & (group - 1))), shift);
-        __m512 sc = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sf + first / group));
+        __m512 sc = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sf + (first >> shift)));
         for (int r = 0; r < m; r++) lanes[r] = _mm512_fmadd_ps(acc[j][r], sc, lanes[r]);
     }
 }
@@ -292,13 +296,14 @@ T512 __attribute__((always_inline)) static inline void row_avx512_body(
     const uint32_t *w, const void *scales, const void *biases, int dtype, int group, float *y,
     int ldy) {
     const int vpw = 32 / bits;
-    int words = k / vpw, blocks = (words + 15) / 16, groups = k / group;
+    int words = k / vpw, blocks = (words + 15) / 16, groups = k >> group_shift(group);
     const uint32_t *wn = w + (long)n * words;
     long stride = (long)blocks * 16 * vpw;
     float sf[groups + 16], bf[groups + 16];
     params_row(scales, dtype, (long)n * groups, groups, sf);
     params_row(biases, dtype, (long)n * groups, groups, bf);
-    for (int i = groups; i < groups + 16; i++) sf[i] = 0.0f;
+    if (words % 16) /* a partial last block: its empty lanes' scales must be finite */
+        for (int i = groups; i < groups + 16; i++) sf[i] = 0.0f;
     __m512 lanes[MAX_ROWS];
     for (int r = 0; r < m; r++) lanes[r] = _mm512_setzero_ps();
     const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
@@ -322,11 +327,14 @@ T512 __attribute__((always_inline)) static inline void row_avx512_body(
         int g = 0;
         for (; g + 16 <= groups; g += 16)
             lanes[r] = _mm512_fmadd_ps(_mm512_loadu_ps(bf + g), _mm512_loadu_ps(xs + g), lanes[r]);
-        float l[16];
-        _mm512_storeu_ps(l, lanes[r]);
-        float s = 0.0f;
-        for (int i = 0; i < 8; i++) l[i] += l[i + 8];
-        s = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+        /* l[i] + l[i + 8], then ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)),
+         * in registers. */
+        __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(lanes[r]),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(
+                                      _mm512_castps_pd(lanes[r]), 1)));
+        __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+        __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+        float s = _mm_cvtss_f32(h2) + _mm_cvtss_f32(_mm_shuffle_ps(h2, h2, 1));
         for (; g < groups; g++) s += bf[g] * xs[g];
         y[(long)r * ldy + n] = s;
     }
