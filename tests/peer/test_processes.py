@@ -61,6 +61,37 @@ async def test_subprocess_rings_match_mlx_lm(tiny_model, peer_processes, arch, b
             await ring.unload()
 
 
+async def test_quantized_rings_take_the_fused_step_and_match_mlx_lm(tiny_model, peer_processes):
+    """A 4-bit model with float32 activations: the peers' decode steps run in C
+    (dnet.runtime.fused), alone and as batches of concurrent requests of different
+    lengths. Every request's greedy tokens equal mlx_lm's."""
+    path = tiny_model(arch="llama", dtype="float32", quantize=4, group_size=32)
+    model, _ = load(str(path))
+    prompts = [[1, 5, 9, 13, 200, 31, 7], [300, 2, 2, 2, 40], list(range(3, 40, 3)), [4]]
+    expected = [
+        [int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=24)] for p in prompts
+    ]
+    procs = peer_processes(2)
+    async with open_cluster(
+        [p.address for p in procs], Identity.generate(), CLUSTER_KEY
+    ) as cluster:
+        ring = await cluster.load(str(path), plan(cluster, [(0, 2), (2, 4)]))
+        ring.tokenizer.eos_token_ids = frozenset()  # mlx_lm's generate_step goes on too
+        got: dict[int, list[int]] = {}
+
+        async def one(i):
+            async with aclosing(ring.generate(prompts[i], max_tokens=24)) as events:
+                got[i] = [e.token_id async for e in events]
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(prompts)):
+                nursery.start_soon(one, i)
+        assert [got[i] for i in range(len(prompts))] == expected
+        await one(0)  # and alone
+        assert got[0] == expected[0]
+        await ring.unload()
+
+
 async def test_killed_peer_fails_the_request_fast_and_the_others_free_it(
     tiny_model, peer_processes
 ):
