@@ -260,7 +260,7 @@ static const row_fn ROWS8[MAX_ROWS] = {row_1_8, row_2_8, row_3_8, row_4_8,
 T512 __attribute__((always_inline)) static inline void blocks512(
     const int m, const int bits, const int u, int b, int words, int vpw, int group, int shift,
     const uint32_t *wn, const float *xl, long stride, const float *sf, __m512 table,
-    __m512i mask, __m512i word_values, __m512 *lanes) {
+    __m512i mask, __m512i word_values, __m512 *even, __m512 *odd) {
     __m512i v[4];
     __m512 acc[4][MAX_ROWS];
     for (int j = 0; j < u; j++) {
@@ -287,6 +287,7 @@ T512 __attribute__((always_inline)) static inline void blocks512(
         __m512i idx = _mm512_srli_epi32(
             _mm512_add_epi32(word_values, _mm512_set1_epi32(first & (group - 1))), shift);
         __m512 sc = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sf + (first >> shift)));
+        __m512 *lanes = j & 1 ? odd : even;
         for (int r = 0; r < m; r++) lanes[r] = _mm512_fmadd_ps(acc[j][r], sc, lanes[r]);
     }
 }
@@ -304,8 +305,10 @@ T512 __attribute__((always_inline)) static inline void row_avx512_body(
     params_row(biases, dtype, (long)n * groups, groups, bf);
     if (words % 16) /* a partial last block: its empty lanes' scales must be finite */
         for (int i = groups; i < groups + 16; i++) sf[i] = 0.0f;
-    __m512 lanes[MAX_ROWS];
-    for (int r = 0; r < m; r++) lanes[r] = _mm512_setzero_ps();
+    /* Even and odd blocks add into lanes of their own (two chains of FMAs, not
+     * one), added together at the end. */
+    __m512 lanes[MAX_ROWS], odd[MAX_ROWS];
+    for (int r = 0; r < m; r++) lanes[r] = odd[r] = _mm512_setzero_ps();
     const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
     const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i word_values = _mm512_mullo_epi32(
@@ -316,12 +319,17 @@ T512 __attribute__((always_inline)) static inline void row_avx512_body(
      * rest one by one. */
     const int u = m <= 4 ? 4 : 2;
     int b = 0;
-    for (; b + u <= blocks; b += u)
+    for (; b + u <= blocks; b += u) /* b stays even */
         blocks512(m, bits, u, b, words, vpw, group, shift, wn, xl, stride, sf, table, mask,
-                  word_values, lanes);
+                  word_values, lanes, odd);
     for (; b < blocks; b++)
-        blocks512(m, bits, 1, b, words, vpw, group, shift, wn, xl, stride, sf, table, mask,
-                  word_values, lanes);
+        if (b & 1)
+            blocks512(m, bits, 1, b, words, vpw, group, shift, wn, xl, stride, sf, table, mask,
+                      word_values, odd, odd);
+        else
+            blocks512(m, bits, 1, b, words, vpw, group, shift, wn, xl, stride, sf, table, mask,
+                      word_values, lanes, lanes);
+    for (int r = 0; r < m; r++) lanes[r] = _mm512_add_ps(lanes[r], odd[r]);
     for (int r = 0; r < m; r++) {
         const float *xs = xsum + (long)r * groups;
         int g = 0;
