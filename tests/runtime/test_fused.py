@@ -16,16 +16,10 @@ from dnet.runtime.slice import load_slice
 CLOSE = {"rtol": 2e-4, "atol": 2e-4}  # float32 sums in another order
 
 
-native: list = []  # where the kernel was built
-
-
 @pytest.fixture(scope="module", autouse=True)
-def kernel(tmp_path_factory):
-    native[:] = [tmp_path_factory.mktemp("native")]
-    if not qgemv.configure(native[0]):
-        pytest.skip("no C compiler")
-    yield
-    qgemv.configure(None)
+def kernel(quant_kernel):
+    """Every test here runs with the kernel."""
+    return quant_kernel
 
 
 def _slice(tiny_model, arch, bits, group, start=0, end=None, **spec):
@@ -146,7 +140,7 @@ def test_batched_rows_of_different_lengths(tiny_model):
     _assert_caches_close(caches[True], caches[False])
 
 
-def test_layers_it_does_not_take_stay_on_mlx(tiny_model):
+def test_layers_it_does_not_take_stay_on_mlx(tiny_model, quant_kernel):
     # bfloat16 activations (MLX rounds each product to them), unquantized layers.
     path = tiny_model(arch="qwen3", dtype="bfloat16", quantize=4, group_size=32)
     assert load_slice(path, 0, 2).fused is None
@@ -157,7 +151,7 @@ def test_layers_it_does_not_take_stay_on_mlx(tiny_model):
         path = tiny_model(arch="qwen3", dtype="float32", quantize=4, group_size=32)
         assert load_slice(path, 0, 2).fused is None
     finally:
-        qgemv.configure(native[0])
+        qgemv.configure(quant_kernel)
 
 
 @pytest.mark.parametrize(("arch", "bits", "group"), [("qwen3", 4, 32), ("qwen2", 4, 64)])

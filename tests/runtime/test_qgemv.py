@@ -20,16 +20,10 @@ from dnet.runtime.slice import load_slice
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 
 
-fast_dir: list = []
-
-
 @pytest.fixture(scope="module", autouse=True)
-def kernel(tmp_path_factory):
-    fast_dir[:] = [tmp_path_factory.mktemp("native")]
-    if not qgemv.configure(fast_dir[0]):
-        pytest.skip("no C compiler")
-    yield
-    qgemv.configure(None)
+def kernel(quant_kernel):
+    """Every test here runs with the kernel."""
+    return quant_kernel
 
 
 def reference(x, q, s, b, bits, group):
@@ -149,7 +143,7 @@ def test_greedy_tokens_equal_mlx_lm_on_the_same_quantized_weights(tiny_model, ar
         assert greedy_sliced(path, prompt, 16) == greedy_reference(path, prompt, 16)
 
 
-def test_a_quantized_profile_measures_the_product_slices_use():
+def test_a_quantized_profile_measures_the_product_slices_use(quant_kernel):
     """The device profile of a quantized model counts packed bytes at the rate of
     the product its slices use: with the kernel, several times MLX's."""
     from dnet.runtime.device_profile import measure
@@ -159,6 +153,6 @@ def test_a_quantized_profile_measures_the_product_slices_use():
     try:
         slow = measure("float32", 512, matvec_mib=2, bits=4)
     finally:
-        assert qgemv.configure(fast_dir[0])
+        assert qgemv.configure(quant_kernel)
     assert fast.bandwidth_bytes_s > 2 * slow.bandwidth_bytes_s > 0
     assert fast.layer_overhead_s > 0 and slow.layer_overhead_s > 0
