@@ -198,20 +198,20 @@ class FusedDecode:
     @classmethod
     def plan(cls, layers: list[nn.Module]) -> FusedDecode | None:
         """The fused step for ``layers``, or None when they do not all qualify."""
-        lib = qgemv.library()
-        if lib is None or not layers or not hasattr(lib, "dnet_decode_layers"):
+        if qgemv.library() is None or not layers:
             return None
         parts = [_modules(layer) for layer in layers]
-        if any(p is None for p in parts):
+        checked = [p for p in parts if p is not None]
+        if len(checked) < len(layers):
             return None
-        checked: list[dict[str, nn.Module]] = [p for p in parts if p is not None]
         if any(layer.input_layernorm.weight.dtype != mx.float32 for layer in layers):
             return None
+        # One shape and one rope for every layer: the C step takes them once.
         first = checked[0]
-        same = ("eps",)
         for p in checked[1:]:
-            if repr(p["rope"]) != repr(first["rope"]) or any(
-                getattr(p["attn_norm"], a) != getattr(first["attn_norm"], a) for a in same
+            if (
+                repr(p["rope"]) != repr(first["rope"])
+                or p["attn_norm"].eps != first["attn_norm"].eps
             ):
                 return None
         return cls(layers, checked)
