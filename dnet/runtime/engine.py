@@ -64,6 +64,7 @@ class Chunk:
         self._cache = req.cache
         self._sample = sample
         self._n = x.shape[1]
+        self._fused = engine.slice.fused_takes(x)
         self._h, self._mask = engine.slice.begin(x, req.cache)
         self._next = 0  # the next layer to run, within the slice
         self.done = False
@@ -79,6 +80,10 @@ class Chunk:
         layer_slice, req = self._engine.slice, self._req
         total = layer_slice.num_layers
         try:
+            out = None
+            if self._next == 0 and self._fused:  # all layers in one C call
+                out = layer_slice.run_fused(self._h, self._cache)
+                self._next = total if out is not None else 0
             while self._next < total:
                 first = self._next
                 self._next = total if pause is None else first + 1
@@ -89,7 +94,8 @@ class Chunk:
                     mx.eval(self._h, [c.state for c in self._cache[first : self._next]])
                     if pause():
                         return False
-            out = layer_slice.finish(self._h)
+            if out is None:
+                out = layer_slice.finish(self._h)
             req.position += self._n
             self.done = True
             if not layer_slice.is_last:

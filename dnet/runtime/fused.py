@@ -217,26 +217,27 @@ class FusedDecode:
         return cls(layers, checked)
 
     def __call__(self, h: mx.array, caches: list[Any]) -> np.ndarray | None:
-        """Hidden states ``[rows, 1, hidden]`` through every layer (returned as
-        ``[rows, hidden]`` on the host), or None when the caches are of a kind this
-        does not write (the caller runs MLX's layers)."""
-        rows = h.shape[0]
-        where = _positions(caches[0], rows)
+        """Hidden states ``[batch, tokens, hidden]`` through every layer (returned
+        as ``[batch * tokens, hidden]`` on the host): a decode step of one or more
+        requests (one token each), or a short prefill chunk of one request. None
+        when the caches are of a kind this does not write, or the input is neither
+        (the caller runs MLX's layers)."""
+        where = _places(caches[0], h.shape[0], h.shape[1])
         if where is None:
             return None
-        slot, start, positions = where
-        kv = (_KV * len(caches))(*(self._own(c, slot, rows) for c in caches))
+        batch, slots, first, positions = where
+        kv = (_KV * len(caches))(*(self._own(c, max(slots), h.shape[0]) for c in caches))
         x = np.array(h.astype(mx.float32) if h.dtype != mx.float32 else h, dtype=np.float32)
-        x = np.ascontiguousarray(x.reshape(rows, -1))
+        x = np.ascontiguousarray(x.reshape(len(positions), -1))
         cos, sin = self.rope.rows(positions)
-        starts = np.asarray(start, dtype=np.int32)
+        rows = [np.asarray(a, dtype=np.int32) for a in (batch, slots, first)]
         status = qgemv.library().dnet_decode_layers(
-            ctypes.byref(self.shape), self.layers, kv, len(caches), rows, x.ctypes.data, slot,
-            starts.ctypes.data, cos.ctypes.data, sin.ctypes.data,
+            ctypes.byref(self.shape), self.layers, kv, len(caches), len(positions),
+            x.ctypes.data, *(a.ctypes.data for a in rows), cos.ctypes.data, sin.ctypes.data,
         )  # fmt: skip
         if status != 0:
             raise ValueError("the fused decode step refused its arguments")
-        _advance(caches, positions)
+        _advance(caches, h.shape[1], positions)
         return x
 
     def _own(self, c: Any, slot: int, rows: int) -> _KV:
@@ -280,23 +281,25 @@ def output_head(x: np.ndarray, norm: nn.Module, head: nn.Module) -> mx.array | N
     return mx.array(qgemv._packed_for(head).on_host(normed))
 
 
-def _positions(c: Any, rows: int) -> tuple[int, list[int], list[int]] | None:
-    """The write slot, each row's first slot to attend, and each row's position."""
-    if type(c) is KVCache and rows == 1:
-        return c.offset, [0], [c.offset]
-    if type(c) is BatchKVCache and c._right_padding is None:
+def _places(c: Any, batch: int, tokens: int) -> tuple[list[int], ...] | None:
+    """For each row of the step (batch row by batch row, token by token): its row
+    of the cache arrays, its slot, the first slot it attends, its position."""
+    if type(c) is KVCache and batch == 1:
+        slots = list(range(c.offset, c.offset + tokens))
+        return [0] * tokens, slots, [0] * tokens, slots
+    if type(c) is BatchKVCache and tokens == 1 and c._right_padding is None:
         padding = c.left_padding.tolist()
-        if len(padding) != rows:
+        if len(padding) != batch:
             return None
-        return c._idx, padding, [c._idx - p for p in padding]
+        return list(range(batch)), [c._idx] * batch, padding, [c._idx - p for p in padding]
     return None
 
 
-def _advance(caches: list[Any], positions: list[int]) -> None:
-    """Move the caches past the slot written, as their ``update_and_fetch`` would."""
+def _advance(caches: list[Any], tokens: int, positions: list[int]) -> None:
+    """Move the caches past the slots written, as their ``update_and_fetch`` would."""
     if type(caches[0]) is KVCache:
         for c in caches:
-            c.offset += 1
+            c.offset += tokens
         return
     offset = mx.array([p + 1 for p in positions])
     for c in caches:

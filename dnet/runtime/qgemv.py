@@ -64,7 +64,7 @@ def configure(cache_dir: Path | None, enabled: bool = True) -> bool:
     i, p = ctypes.c_int, ctypes.c_void_p
     lib.dnet_qgemv.argtypes = [i, i, i, p, i, p, p, p, i, i, i, p, i]
     lib.dnet_decode_layers.restype = ctypes.c_int
-    lib.dnet_decode_layers.argtypes = [p, p, p, i, i, p, i, p, p, p]
+    lib.dnet_decode_layers.argtypes = [p, p, p, i, i, p, p, p, p, p, p]
     _lib = lib
     return True
 

@@ -131,13 +131,30 @@ class LayerSlice:
     def __call__(self, x: mx.array, cache: list[KVCache]) -> mx.array:
         """Run the slice lazily. Returns hidden states ``[B, T, H]``, or on the last
         slice the logits of the last position ``[B, vocab]``."""
-        if self.fused is not None and x.shape[1] == 1:
+        if self.fused_takes(x):
             h = self.embed(x) if self.embed is not None and self.is_first else x
-            out = self.fused(h, cache)
+            out = self.run_fused(h, cache)
             if out is not None:
-                return self._finish_fused(out)
+                return out
         h, mask = self.begin(x, cache)
         return self.finish(self.run_layers(h, mask, cache, 0, self.num_layers))
+
+    def fused_takes(self, x: mx.array) -> bool:
+        """Whether input ``x`` ``[batch, tokens, ...]`` may take the fused step: a
+        decode step, or a prefill chunk of one request of at most ``FUSED_TOKENS``
+        (longer ones read the weights fewer times through MLX's float32 tiles)."""
+        return self.fused is not None and (
+            x.shape[1] == 1 or (x.shape[0] == 1 and x.shape[1] <= FUSED_TOKENS)
+        )
+
+    def run_fused(self, h: mx.array, cache: list[Any]) -> mx.array | None:
+        """``finish(run_layers(...))`` of hidden states ``h`` by the fused step, or
+        None when it does not take these caches."""
+        assert self.fused is not None
+        out = self.fused(h, cache)
+        if out is None:
+            return None
+        return self._finish_fused(out.reshape(h.shape[0], h.shape[1], -1))
 
     # The same in parts, so that other work can run between layers (prefill chunks).
 
@@ -156,14 +173,15 @@ class LayerSlice:
         return h
 
     def _finish_fused(self, x: np.ndarray) -> mx.array:
-        """``finish`` for the fused step's hidden states ``[rows, hidden]`` (host)."""
+        """``finish`` for the fused step's hidden states ``[batch, tokens, hidden]``
+        (host)."""
         if self.is_last:
             assert self.norm is not None
             head = self.head if self.head is not None else self.embed
-            logits = output_head(x, self.norm, head)
+            logits = output_head(np.ascontiguousarray(x[:, -1, :]), self.norm, head)
             if logits is not None:
                 return logits
-        return self.finish(mx.array(x[:, None, :]))
+        return self.finish(mx.array(x))
 
     def finish(self, h: mx.array) -> mx.array:
         """What the slice returns for the last layer's hidden states ``h``."""
@@ -270,6 +288,8 @@ def _smoke_test(owned: LayerSlice) -> None:
         owned.batching = False
         log.info("%s runs decode steps one request at a time: %s", owned.model.name, exc)
 
+
+FUSED_TOKENS = 32  # prefill chunks up to this many tokens take the fused step
 
 COMPUTE_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 

@@ -76,7 +76,10 @@ def test_a_fused_step_computes_what_the_mlx_layers_compute(tiny_model, arch, bit
             x = mx.array([[1, 5, 9, 13, 200, 31, 7]])
         else:
             x = mx.array(rng.standard_normal((1, 7, owned.hidden_size)).astype(np.float32))
-        run(x, mine, False), run(x, theirs, False)  # prefill by MLX into both
+        # Prefill: a 7-token chunk fused (causal attention within it) against MLX.
+        np.testing.assert_allclose(
+            np.array(run(x, mine, True)), np.array(run(x, theirs, False)), **CLOSE
+        )
         for _ in range(12):
             if owned.is_first:
                 step = mx.array([[int(rng.integers(0, 500))]])
@@ -89,8 +92,8 @@ def test_a_fused_step_computes_what_the_mlx_layers_compute(tiny_model, arch, bit
 
 
 def test_mlx_and_the_fused_step_take_turns_on_one_cache(tiny_model):
-    """Prefill, fused steps, a second prompt by MLX (a chat's next turn), a trim,
-    and more fused steps, past the cache's first 256 slots."""
+    """Prefill, fused steps, a second prompt (a chat's next turn: a fused chunk, then
+    one by MLX), a trim, and more fused steps, past the cache's first 256 slots."""
     owned = _slice(tiny_model, "qwen3", 4, 32)
     run = Both(owned)
     mine, theirs = owned.make_cache(), owned.make_cache()
@@ -102,8 +105,8 @@ def test_mlx_and_the_fused_step_take_turns_on_one_cache(tiny_model):
             a, b = run(token, mine, True), run(token, theirs, False)
             np.testing.assert_allclose(np.array(a), np.array(b), **CLOSE)
             token = mx.argmax(b, axis=-1)[:, None]
-        more = mx.array([[11, 12, 13, 14 + turn]])
-        a, b = run(more, mine, False), run(more, theirs, False)
+        more = mx.array([[11, 12, 13, 14 + turn]])  # fused on the first turn, MLX on the second
+        a, b = run(more, mine, turn == 0), run(more, theirs, False)
         np.testing.assert_allclose(np.array(a), np.array(b), **CLOSE)
         for c in (*mine, *theirs):
             c.trim(2)

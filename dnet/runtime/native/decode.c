@@ -8,8 +8,8 @@
  *
  * what mlx_lm's llama, qwen2 and qwen3 blocks compute, in float32. The keys and
  * values are written into mlx_lm's own cache arrays (KVCache or BatchKVCache), at
- * the cache's write slot, so that a decode step here and a prefill by MLX share
- * them. Row r attends over slots [start[r], slot]. Rotary angles come from MLX's
+ * the slots the caller gives each row (see dnet_decode_layers), so that steps
+ * here and prefill by MLX share them. Rotary angles come from MLX's
  * own rope as a table of cosines and sines per row (dnet.runtime.fused), so every
  * rope variant MLX implements gives the same angles here.
  *
@@ -139,9 +139,19 @@ typedef struct {
     float *h, *q, *k, *v, *a, *g, *u, *p;
 } scratch;
 
+/* Where each row of a step goes: its row of the cache arrays (batch), the slot its
+ * key and value are written to, and the first slot it attends (it attends up to
+ * its own). A batched decode step: rows of different batch rows, one slot. A
+ * prefill chunk of one request: rows of batch row 0 at consecutive slots, so row
+ * r attends the rows before it (causal). */
+typedef struct {
+    const int32_t *batch, *slot, *first;
+    int most; /* the largest slot + 1 */
+} places;
+
 static int attention_block(const dnet_shape *s, const dnet_layer *l, const dnet_kv *kv,
-                           int rows, float *x, int slot, const int32_t *start,
-                           const float *cos_t, const float *sin_t, scratch *w) {
+                           int rows, float *x, const places *at, const float *cos_t,
+                           const float *sin_t, scratch *w) {
     int hd = s->head_dim, hq = s->heads * hd, hk = s->kv_heads * hd, half = s->rope_dims / 2;
     for (int r = 0; r < rows; r++)
         rms(s->hidden, x + (long)r * s->hidden, l->attn_norm, s->eps, w->h + (long)r * s->hidden);
@@ -159,19 +169,21 @@ static int attention_block(const dnet_shape *s, const dnet_layer *l, const dnet_
             float *kh = w->k + (long)r * hk + h * hd;
             if (l->k_norm) rms(hd, kh, l->k_norm, s->qk_eps, kh);
             rope(kh, s->rope_dims, s->rope_traditional, cs, sn);
-            memcpy(kv->keys + r * kv->kb + h * kv->kh + slot * kv->kt, kh, sizeof(float) * hd);
-            memcpy(kv->values + r * kv->vb + h * kv->vh + slot * kv->vt,
+            long b = at->batch[r], t = at->slot[r];
+            memcpy(kv->keys + b * kv->kb + h * kv->kh + t * kv->kt, kh, sizeof(float) * hd);
+            memcpy(kv->values + b * kv->vb + h * kv->vh + t * kv->vt,
                    w->v + (long)r * hk + h * hd, sizeof(float) * hd);
         }
     }
-    int group = s->heads / s->kv_heads, span = slot + 1;
+    int group = s->heads / s->kv_heads, span = at->most;
     long work = (long)rows * s->heads * span * hd;
 #pragma omp parallel for schedule(static) if (work >= 65536)
     for (int rg = 0; rg < rows * s->kv_heads; rg++) {
         int r = rg / s->kv_heads, g = rg % s->kv_heads, h = g * group;
-        attend(w->q + (long)r * hq + h * hd, group, kv->keys + r * kv->kb + g * kv->kh, kv->kt,
-               kv->values + r * kv->vb + g * kv->vh, kv->vt, start[r], slot, hd, s->scale,
-               w->p + ((long)r * s->heads + h) * span, w->a + (long)r * hq + h * hd);
+        long b = at->batch[r];
+        attend(w->q + (long)r * hq + h * hd, group, kv->keys + b * kv->kb + g * kv->kh, kv->kt,
+               kv->values + b * kv->vb + g * kv->vh, kv->vt, at->first[r], at->slot[r], hd,
+               s->scale, w->p + ((long)r * s->heads + h) * span, w->a + (long)r * hq + h * hd);
     }
     if (product(&l->o, rows, w->a, w->h)) return -1;
     for (long i = 0; i < (long)rows * s->hidden; i++) x[i] += w->h[i];
@@ -191,17 +203,24 @@ static int mlp_block(const dnet_shape *s, const dnet_layer *l, int rows, float *
     return 0;
 }
 
-/* Layers [0, count) for `rows` rows of x ([rows][hidden], updated in place): the
- * new keys and values go to slot `slot` of each layer's cache; row r attends over
- * [start[r], slot]; cos_t and sin_t are [rows][rope_dims / 2]. Returns 0, or -1
- * (arguments the products refuse, or no memory). */
+/* Layers [0, count) for `rows` rows of x ([rows][hidden], updated in place): row
+ * r's key and value go to slot slot[r] of batch row batch[r] of each layer's
+ * cache, and it attends over slots [first[r], slot[r]] of that batch row; cos_t
+ * and sin_t are [rows][rope_dims / 2]. Returns 0, or -1 (arguments it does not
+ * take, or no memory). */
 int dnet_decode_layers(const dnet_shape *s, const dnet_layer *layers, const dnet_kv *kv,
-                       int count, int rows, float *x, int slot, const int32_t *start,
-                       const float *cos_t, const float *sin_t) {
-    if (rows < 1 || slot < 0 || s->heads % s->kv_heads) return -1;
+                       int count, int rows, float *x, const int32_t *batch,
+                       const int32_t *slot, const int32_t *first, const float *cos_t,
+                       const float *sin_t) {
+    if (rows < 1 || s->kv_heads < 1 || s->heads % s->kv_heads) return -1;
+    places at = {batch, slot, first, 0};
+    for (int r = 0; r < rows; r++) {
+        if (batch[r] < 0 || first[r] < 0 || slot[r] < first[r]) return -1;
+        if (slot[r] + 1 > at.most) at.most = slot[r] + 1;
+    }
     long hq = (long)s->heads * s->head_dim, hk = (long)s->kv_heads * s->head_dim;
     long wide = hq > s->hidden ? hq : s->hidden;
-    long total = rows * (wide + hq + 2 * hk + hq + 2L * s->inter + (long)s->heads * (slot + 1));
+    long total = rows * (wide + hq + 2 * hk + hq + 2L * s->inter + (long)s->heads * at.most);
     float *buf = malloc(sizeof(float) * total);
     if (!buf) return -1;
     scratch w;
@@ -215,7 +234,7 @@ int dnet_decode_layers(const dnet_shape *s, const dnet_layer *layers, const dnet
     w.p = w.u + (long)rows * s->inter;
     int status = 0;
     for (int i = 0; i < count && status == 0; i++) {
-        status = attention_block(s, &layers[i], &kv[i], rows, x, slot, start, cos_t, sin_t, &w);
+        status = attention_block(s, &layers[i], &kv[i], rows, x, &at, cos_t, sin_t, &w);
         if (status == 0) status = mlp_block(s, &layers[i], rows, x, &w);
     }
     free(buf);
