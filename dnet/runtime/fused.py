@@ -1,5 +1,6 @@
 """A slice's decode step in one call to C (``native/decode.c``): all its layers for
-a few rows, without MLX between them.
+a few rows, without MLX between them (and a short prefill chunk of one request the
+same way, causal within the chunk).
 
 With the quantized kernel, a decode step's weights took 28 of its ~70 ms at the
 Qwen3-0.6B shape; the rest was MLX: every product outside MLX's graph costs a sync

@@ -1,5 +1,6 @@
-/* One decode step of the dense llama/qwen layer, whole, for a few rows: the layers
- * a slice holds, one after another, in one call and without MLX.
+/* One decode step of the dense llama/qwen layer, whole, for a few rows (or a short
+ * prefill chunk of one request): the layers a slice holds, one after another, in
+ * one call and without MLX.
  *
  * Built into one library with qgemv.c, whose products it calls. Per layer:
  *
