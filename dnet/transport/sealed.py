@@ -16,9 +16,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from dnet.protocol.codec import ProtocolError
 from dnet.protocol.handshake import HandshakeFailed
-from dnet.transport.links import Link
+from dnet.transport.links import Link, LinkClosed
 
 _NONCE = struct.Struct("<4xQ")  # 12 bytes: four zero, then the frame counter
+# A frame the other side has not taken in this long: the link is dead (a frame of
+# a 2048-token prefill chunk of a 5120-wide model is 20 MB: 2 s at 10 MB/s).
+SEND_TIMEOUT_S = 30.0
 
 
 class X25519Exchange:
@@ -69,7 +72,17 @@ class SealedLink:
         try:
             sealed = self._seal.encrypt(_NONCE.pack(self._sent), data, None)
             self._sent += 1
-            await self._link.send(sealed)
+            # Once its counter is taken a frame goes out whole, even if the sender is
+            # cancelled meanwhile: a frame cancelled before its first byte (waiting
+            # for the socket) or half-way would make every later one fail to open
+            # on the other side. A send stuck past SEND_TIMEOUT_S tears the link.
+            deadline = trio.current_time() + SEND_TIMEOUT_S
+            with trio.CancelScope(shield=True, deadline=deadline) as scope:
+                await self._link.send(sealed)
+            if scope.cancelled_caught:  # the link is closed: later sends fail
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
+                    await self._link.aclose()
+                raise LinkClosed(f"connection to {self.description} timed out sending")
         finally:
             self._lock.release()
 
