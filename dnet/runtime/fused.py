@@ -227,7 +227,8 @@ class FusedDecode:
         if where is None:
             return None
         batch, slots, first, positions = where
-        kv = (_KV * len(caches))(*(self._own(c, max(slots), h.shape[0]) for c in caches))
+        most = max(slots)
+        kv = (_KV * len(caches))(*(self._own(c, most, h.shape[0]) for c in caches))
         x = np.array(h.astype(mx.float32) if h.dtype != mx.float32 else h, dtype=np.float32)
         x = np.ascontiguousarray(x.reshape(len(positions), -1))
         cos, sin = self.rope.rows(positions)
