@@ -66,9 +66,11 @@ def build_native(
 ) -> Path | None:
     """A C file of ``native/`` (and the files ``also`` names, linked with it)
     compiled into a shared library in ``cache_dir`` on first use (keyed by the
-    sources and flags, so processes building at once are fine); ``None`` without a
-    C compiler or when the build fails. Tries OpenMP first."""
-    source = b"".join(p.read_bytes() for p in (source_path, *also))
+    sources, the headers beside them and the flags, so processes building at once
+    are fine); ``None`` without a C compiler or when the build fails. Tries OpenMP
+    first."""
+    headers = sorted(source_path.parent.glob("*.h"))
+    source = b"".join(p.read_bytes() for p in (source_path, *also, *headers))
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     for flags in (["-O3", "-fopenmp"], ["-O3"]):
         tag = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:12]

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 8
 _SOURCE = Path(__file__).parent / "native" / "qgemv.c"
 _DECODE = Path(__file__).parent / "native" / "decode.c"  # the fused step (dnet.runtime.fused)
+_INT8 = Path(__file__).parent / "native" / "qgemv_int8.c"  # 4-bit by VNNI
 _DTYPES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 _lib: Any = None
 
@@ -54,7 +55,7 @@ def configure(cache_dir: Path | None, enabled: bool = True) -> bool:
     if not enabled or cache_dir is None:
         _lib = None
         return False
-    path = build_native(_SOURCE, cache_dir, ["-lm"], also=(_DECODE,))
+    path = build_native(_SOURCE, cache_dir, ["-lm"], also=(_DECODE, _INT8))
     if path is None:
         log.info("no C compiler: quantized products stay on MLX")
         _lib = None
@@ -78,7 +79,7 @@ def library() -> Any:
     return _lib
 
 
-LOOPS = ("portable", "avx2", "avx512")  # the kernel's loops, by level
+LOOPS = ("portable", "avx2", "avx512", "vnni")  # the kernel's loops, by level
 
 
 def use_vectors(level: int) -> None:

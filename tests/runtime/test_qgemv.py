@@ -18,6 +18,8 @@ from dnet.runtime import qgemv
 from dnet.runtime.slice import load_slice
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+LEVELS = list(reversed(range(len(qgemv.LOOPS))))  # every loop, best first
+BEST = LEVELS[0]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,7 +38,7 @@ def quantized(n, k, bits, group, dtype, seed):
     return mx.quantize(w, group_size=group, bits=bits)
 
 
-@pytest.mark.parametrize("vectors", [2, 1, 0], ids=list(reversed(qgemv.LOOPS)))
+@pytest.mark.parametrize("vectors", LEVELS, ids=list(reversed(qgemv.LOOPS)))
 @pytest.mark.parametrize(("bits", "group"), list(itertools.product((4, 8), (32, 64, 128))))
 def test_products_match_dequantize_then_matmul(vectors, bits, group):
     qgemv.use_vectors(vectors)
@@ -58,10 +60,10 @@ def test_products_match_dequantize_then_matmul(vectors, bits, group):
             err = float(mx.max(mx.abs(got - want)))
             assert err <= bound, (dtype, n, k, rows, err, bound)
     finally:
-        qgemv.use_vectors(2)
+        qgemv.use_vectors(BEST)
 
 
-@pytest.mark.parametrize("vectors", [2, 1, 0], ids=list(reversed(qgemv.LOOPS)))
+@pytest.mark.parametrize("vectors", LEVELS, ids=list(reversed(qgemv.LOOPS)))
 def test_a_row_is_the_same_alone_or_batched(vectors):
     qgemv.use_vectors(vectors)
     try:
@@ -76,7 +78,7 @@ def test_a_row_is_the_same_alone_or_batched(vectors):
                 part = np.array(qgemv.qgemv(x[:m], q, s, b, bits, group))
                 assert np.array_equal(part, batched[:m])
     finally:
-        qgemv.use_vectors(2)
+        qgemv.use_vectors(BEST)
 
 
 def test_a_routed_layer_takes_any_number_of_rows():

@@ -18,52 +18,7 @@
  * is the same alone or batched. Rows of W are split among threads (OpenMP) above a
  * size threshold.
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-enum { MAX_ROWS = 8, F32 = 0, F16 = 1, BF16 = 2 };
-
-/* How far ahead along the weights the vector loops prefetch, in words (2 KiB):
- * the hardware's own prefetching left two threads at ~18 GB/s of packed weights
- * here, this at ~21 (94 MB of matrices, one row of activations). */
-#ifndef PREFETCH_WORDS
-#define PREFETCH_WORDS 512
-#endif
-
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-    uint32_t bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { /* subnormal: normalise */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) {
-                man <<= 1;
-                exp--;
-            }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000 | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline float param(const void *p, int dtype, long i) {
-    if (dtype == F32) return ((const float *)p)[i];
-    uint16_t h = ((const uint16_t *)p)[i];
-    if (dtype == F16) return half_to_float(h);
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+#include "qgemv.h"
 
 /* Values per word, and of those, which x each multiplies once laid out. */
 static inline int per_word(int bits) { return 32 / bits; }
@@ -129,25 +84,6 @@ static void row_scalar(int m, int n, int k, const float *xl, const float *xsum,
 
 #if defined(__x86_64__)
 #include <immintrin.h>
-
-/* A row's scales or biases as float32, eight at a time where the type allows. */
-__attribute__((target("avx2,fma,f16c"))) static inline void params_row(
-    const void *p, int dtype, long base, int count, float *out) {
-    int i = 0;
-    if (dtype == F32) {
-        memcpy(out, (const float *)p + base, sizeof(float) * count);
-        return;
-    }
-    if (dtype == F16)
-        for (; i + 8 <= count; i += 8)
-            _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(
-                                          (const __m128i *)((const uint16_t *)p + base + i))));
-    for (; i < count; i++) out[i] = param(p, dtype, base + i);
-}
-
-/* log2 of a group size (32, 64 or 128): groups are found by shifts, not by
- * divisions, which cost tens of cycles a block. */
-static inline int group_shift(int group) { return group == 32 ? 5 : group == 64 ? 6 : 7; }
 
 /* The scale of each lane's word in the block starting at word `first`: one scale
  * for the block (a group is 8 or more words) or two (4-bit values in groups of 32). */
@@ -390,16 +326,17 @@ static int have_avx2(void) {
 static int have_avx2(void) { return 0; }
 #endif
 
-static int level = -1; /* 0: portable loop, 1: AVX2, 2: AVX-512 */
+static int level = -1; /* 0: portable loop, 1: AVX2, 2: AVX-512, 3: VNNI (4-bit) */
 
 static int best_level(void) {
 #if defined(__x86_64__)
-    if (have_avx512()) return 2;
+    if (have_avx512()) return dnet_have_int8() ? 3 : 2;
 #endif
     return have_avx2();
 }
 
-/* The loop that runs here: 0 portable, 1 AVX2 and FMA, 2 AVX-512. */
+/* The loop that runs here: 0 portable, 1 AVX2 and FMA, 2 AVX-512, 3 AVX-512 VNNI
+ * for 4-bit weights (qgemv_int8.c; 8-bit weights take AVX-512). */
 int dnet_qgemv_vectorized(void) {
     if (level < 0) level = getenv("DNET_QGEMV_PORTABLE") ? 0 : best_level();
     return level;
@@ -420,7 +357,11 @@ int dnet_qgemv(int m, int n, int k, const float *x, int ldx, const uint32_t *w,
         (group != 32 && group != 64 && group != 128) || k % group || dtype < F32 ||
         dtype > BF16)
         return -1;
-    int vec = dnet_qgemv_vectorized(), lanes = vec == 2 ? 16 : 8;
+    int vec = dnet_qgemv_vectorized();
+    if (vec == 3 && bits == 4)
+        return dnet_int8_qgemv(m, n, k, x, ldx, w, scales, biases, dtype, group, y, ldy);
+    if (vec == 3) vec = 2;
+    int lanes = vec == 2 ? 16 : 8;
     int vpw = per_word(bits), blocks = (k / vpw + lanes - 1) / lanes;
     size_t laid = (size_t)m * blocks * lanes * vpw;
     float *xl = malloc(sizeof(float) * (laid + (size_t)m * (k / group)));

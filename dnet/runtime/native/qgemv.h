@@ -1,0 +1,83 @@
+/* What the quantized kernel's C files share (qgemv.c, qgemv_int8.c): sizes, the
+ * scale types, and reading scales and biases as float32. */
+#ifndef DNET_QGEMV_H
+#define DNET_QGEMV_H
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+enum { MAX_ROWS = 8, F32 = 0, F16 = 1, BF16 = 2 };
+
+/* How far ahead along the weights the vector loops prefetch, in words (2 KiB):
+ * the hardware's own prefetching left two threads at ~18 GB/s of packed weights
+ * here, this at ~21 (94 MB of matrices, one row of activations). */
+#ifndef PREFETCH_WORDS
+#define PREFETCH_WORDS 512
+#endif
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) {
+                man <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float param(const void *p, int dtype, long i) {
+    if (dtype == F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    if (dtype == F16) return half_to_float(h);
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#if defined(__x86_64__)
+/* A row's scales or biases as float32, eight at a time where the type allows. */
+__attribute__((target("avx2,fma,f16c"))) static inline void params_row(
+    const void *p, int dtype, long base, int count, float *out) {
+    int i = 0;
+    if (dtype == F32) {
+        memcpy(out, (const float *)p + base, sizeof(float) * count);
+        return;
+    }
+    if (dtype == F16)
+        for (; i + 8 <= count; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                          (const __m128i *)((const uint16_t *)p + base + i))));
+    for (; i < count; i++) out[i] = param(p, dtype, base + i);
+}
+
+/* log2 of a group size (32, 64 or 128): groups are found by shifts, not by
+ * divisions, which cost tens of cycles a block. */
+static inline int group_shift(int group) { return group == 32 ? 5 : group == 64 ? 6 : 7; }
+
+#endif
+
+/* The int8 loop (qgemv_int8.c): y = x . W^T for 4-bit weights by AVX-512 VNNI; 0,
+ * or -1 where it cannot run (no VNNI, no memory). */
+int dnet_int8_qgemv(int m, int n, int k, const float *x, int ldx, const uint32_t *w,
+                    const void *scales, const void *biases, int dtype, int group, float *y,
+                    int ldy);
+int dnet_have_int8(void);
+#endif
