@@ -81,6 +81,39 @@ def test_a_row_is_the_same_alone_or_batched(vectors):
         qgemv.use_vectors(BEST)
 
 
+@pytest.mark.parametrize("vectors", LEVELS, ids=list(reversed(qgemv.LOOPS)))
+def test_products_of_far_apart_magnitudes_and_of_nan_and_inf(vectors):
+    """Activations a float32 product takes in its stride: groups of very different
+    sizes in one row (the int8 loop's grid is per group of 32), values near the
+    ends of float32's range, zeros; a nan or an inf makes the row's results nan or
+    infinite, as a float product's."""
+    qgemv.use_vectors(vectors)
+    try:
+        q, s, b = quantized(40, 256, 4, 32, mx.float16, 5)
+        w = np.array(mx.dequantize(q, s, b, group_size=32, bits=4), dtype=np.float64)
+        rng = np.random.default_rng(1)
+        x = rng.standard_normal((6, 256))
+        x[0] *= 10.0 ** rng.integers(-6, 7, size=256)  # each value its own size
+        x[1] *= np.repeat(10.0 ** rng.integers(-12, 13, size=8), 32)  # each group
+        x[2] *= 1e30
+        x[3] *= 1e-30
+        x[4, 64:96] = 0.0
+        x[5] = 0.0
+        got = np.array(qgemv.qgemv(mx.array(x.astype(np.float32)), q, s, b, 4, 32))
+        want = x.astype(np.float32).astype(np.float64) @ w.T
+        # float32 rounding of each group's largest value and of the sums
+        tops = np.abs(x).reshape(6, 8, 32).max(axis=2).repeat(32, axis=1)
+        bound = 1e-6 * 256 * (tops @ np.abs(w).T) + 1e-37
+        assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
+        assert np.all(got[5] == 0.0)
+        bad = x[:2].astype(np.float32)
+        bad[0, 100], bad[1, 7] = np.nan, np.inf
+        out = np.array(qgemv.qgemv(mx.array(bad), q, s, b, 4, 32))
+        assert np.all(np.isnan(out[0])) and not np.any(np.isfinite(out[1]))
+    finally:
+        qgemv.use_vectors(BEST)
+
+
 def test_a_routed_layer_takes_any_number_of_rows():
     q, s, b = quantized(16, 64, 4, 32, mx.float32, 0)
     with pytest.raises(ValueError, match="refused"):

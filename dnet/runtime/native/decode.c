@@ -22,11 +22,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-int dnet_qgemv(int m, int n, int k, const float *x, int ldx, const uint32_t *w,
-               const void *scales, const void *biases, int dtype, int bits, int group,
-               float *y, int ldy);
+#include "qgemv.h"
 
-enum { CHUNK = 8 };
+
 
 typedef struct {
     const uint32_t *w;
@@ -54,8 +52,8 @@ typedef struct {
 } dnet_kv;
 
 static int product(const dnet_qmatrix *m, int rows, const float *x, float *y) {
-    for (int r = 0; r < rows; r += CHUNK) {
-        int n = rows - r < CHUNK ? rows - r : CHUNK;
+    for (int r = 0; r < rows; r += MAX_ROWS) {
+        int n = rows - r < MAX_ROWS ? rows - r : MAX_ROWS;
         if (dnet_qgemv(n, m->n, m->k, x + (long)r * m->k, m->k, m->w, m->scales, m->biases,
                        m->dtype, m->bits, m->group, y + (long)r * m->n, m->n))
             return -1;
@@ -63,6 +61,36 @@ static int product(const dnet_qmatrix *m, int rows, const float *x, float *y) {
     if (m->bias)
         for (int r = 0; r < rows; r++)
             for (int j = 0; j < m->n; j++) y[(long)r * m->n + j] += m->bias[j];
+    return 0;
+}
+
+/* Products of one x by `count` matrices (q, k, v; gate, up): x laid out once and
+ * all their rows split among the threads at once, where the matrices are alike
+ * (same k and quantization); one by one where they are not. */
+static int products(const dnet_qmatrix *const *ms, float *const *ys, int count, int rows,
+                    const float *x) {
+    const dnet_qmatrix *a = ms[0];
+    for (int i = 1; i < count; i++)
+        if (ms[i]->k != a->k || ms[i]->dtype != a->dtype || ms[i]->bits != a->bits ||
+            ms[i]->group != a->group) {
+            for (int j = 0; j < count; j++)
+                if (product(ms[j], rows, x, ys[j])) return -1;
+            return 0;
+        }
+    for (int r = 0; r < rows; r += MAX_ROWS) {
+        int n = rows - r < MAX_ROWS ? rows - r : MAX_ROWS;
+        dnet_qpart parts[MAX_PARTS];
+        for (int i = 0; i < count; i++)
+            parts[i] = (dnet_qpart){ms[i]->n, ms[i]->w, ms[i]->scales, ms[i]->biases,
+                                    ys[i] + (long)r * ms[i]->n, ms[i]->n};
+        if (dnet_qgemv_many(n, a->k, x + (long)r * a->k, a->k, a->dtype, a->bits, a->group,
+                            parts, count))
+            return -1;
+    }
+    for (int i = 0; i < count; i++)
+        if (ms[i]->bias)
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < ms[i]->n; j++) ys[i][(long)r * ms[i]->n + j] += ms[i]->bias[j];
     return 0;
 }
 
@@ -156,9 +184,9 @@ static int attention_block(const dnet_shape *s, const dnet_layer *l, const dnet_
     int hd = s->head_dim, hq = s->heads * hd, hk = s->kv_heads * hd, half = s->rope_dims / 2;
     for (int r = 0; r < rows; r++)
         rms(s->hidden, x + (long)r * s->hidden, l->attn_norm, s->eps, w->h + (long)r * s->hidden);
-    if (product(&l->q, rows, w->h, w->q) || product(&l->k, rows, w->h, w->k) ||
-        product(&l->v, rows, w->h, w->v))
-        return -1;
+    const dnet_qmatrix *qkv[3] = {&l->q, &l->k, &l->v};
+    float *out[3] = {w->q, w->k, w->v};
+    if (products(qkv, out, 3, rows, w->h)) return -1;
     for (int r = 0; r < rows; r++) {
         const float *cs = cos_t + (long)r * half, *sn = sin_t + (long)r * half;
         for (int h = 0; h < s->heads; h++) {
@@ -194,7 +222,9 @@ static int attention_block(const dnet_shape *s, const dnet_layer *l, const dnet_
 static int mlp_block(const dnet_shape *s, const dnet_layer *l, int rows, float *x, scratch *w) {
     for (int r = 0; r < rows; r++)
         rms(s->hidden, x + (long)r * s->hidden, l->mlp_norm, s->eps, w->h + (long)r * s->hidden);
-    if (product(&l->gate, rows, w->h, w->g) || product(&l->up, rows, w->h, w->u)) return -1;
+    const dnet_qmatrix *gate_up[2] = {&l->gate, &l->up};
+    float *out[2] = {w->g, w->u};
+    if (products(gate_up, out, 2, rows, w->h)) return -1;
     for (long i = 0; i < (long)rows * s->inter; i++) {
         float g = w->g[i];
         w->g[i] = g * (1.0f / (1.0f + expf(-g))) * w->u[i];

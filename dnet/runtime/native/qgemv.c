@@ -358,8 +358,10 @@ int dnet_qgemv(int m, int n, int k, const float *x, int ldx, const uint32_t *w,
         dtype > BF16)
         return -1;
     int vec = dnet_qgemv_vectorized();
-    if (vec == 3 && bits == 4)
-        return dnet_int8_qgemv(m, n, k, x, ldx, w, scales, biases, dtype, group, y, ldy);
+    if (vec == 3 && bits == 4) {
+        dnet_qpart part = {n, w, scales, biases, y, ldy};
+        return dnet_int8_many(m, k, x, ldx, dtype, group, &part, 1);
+    }
     if (vec == 3) vec = 2;
     int lanes = vec == 2 ? 16 : 8;
     int vpw = per_word(bits), blocks = (k / vpw + lanes - 1) / lanes;
@@ -386,5 +388,21 @@ int dnet_qgemv(int m, int n, int k, const float *x, int ldx, const uint32_t *w,
         row_scalar(m, j, k, xl, xsum, w, scales, biases, dtype, bits, group, y, ldy);
     }
     free(xl);
+    return 0;
+}
+
+int dnet_qgemv_many(int m, int k, const float *x, int ldx, int dtype, int bits, int group,
+                    const dnet_qpart *parts, int count) {
+    if (m < 1 || m > MAX_ROWS || k < 1 || (group != 32 && group != 64 && group != 128) ||
+        k % group || dtype < F32 || dtype > BF16 || count < 1 || count > MAX_PARTS)
+        return -1;
+    for (int i = 0; i < count; i++)
+        if (parts[i].n < 1) return -1;
+    if (dnet_qgemv_vectorized() == 3 && bits == 4)
+        return dnet_int8_many(m, k, x, ldx, dtype, group, parts, count);
+    for (int i = 0; i < count; i++)
+        if (dnet_qgemv(m, parts[i].n, k, x, ldx, parts[i].w, parts[i].scales, parts[i].biases,
+                       dtype, bits, group, parts[i].y, parts[i].ldy))
+            return -1;
     return 0;
 }

@@ -74,10 +74,28 @@ static inline int group_shift(int group) { return group == 32 ? 5 : group == 64 
 
 #endif
 
-/* The int8 loop (qgemv_int8.c): y = x . W^T for 4-bit weights by AVX-512 VNNI; 0,
- * or -1 where it cannot run (no VNNI, no memory). */
-int dnet_int8_qgemv(int m, int n, int k, const float *x, int ldx, const uint32_t *w,
-                    const void *scales, const void *biases, int dtype, int group, float *y,
-                    int ldy);
+/* One matrix of several that multiply the same x (q, k and v; gate and up): n rows
+ * of packed weights, scales and biases, and where its products go. */
+typedef struct {
+    int n;
+    const uint32_t *w;
+    const void *scales, *biases;
+    float *y;
+    int ldy;
+} dnet_qpart;
+
+enum { MAX_PARTS = 4 };
+
+/* y = x . W^T for each part (same k, group and scale type), x laid out once and
+ * the parts' rows split among the threads as one: by the int8 loop (qgemv_int8.c,
+ * 4-bit weights, AVX-512 VNNI), 0, or -1 where it cannot run (no VNNI, no memory);
+ * by whichever loop runs here (dnet_qgemv_many, qgemv.c). */
+int dnet_qgemv(int m, int n, int k, const float *x, int ldx, const uint32_t *w,
+               const void *scales, const void *biases, int dtype, int bits, int group,
+               float *y, int ldy);
+int dnet_int8_many(int m, int k, const float *x, int ldx, int dtype, int group,
+                   const dnet_qpart *parts, int count);
+int dnet_qgemv_many(int m, int k, const float *x, int ldx, int dtype, int bits, int group,
+                    const dnet_qpart *parts, int count);
 int dnet_have_int8(void);
 #endif

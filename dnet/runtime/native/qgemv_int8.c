@@ -3,23 +3,24 @@
  * The float loops of qgemv.c spend three vector operations on every 16 weights
  * (a shift, a table lookup, a multiply-add): on two cores that, not memory, set
  * the pace of a decode step. Here each x value becomes an integer on a power-of-
- * two grid of its group of 32: X = round(x / step), step = 2^(e - 22) where the
- * group's largest |x| is below 2^e, so |X| <= 2^22 and the rounding error is at
- * most 2^-23 of that largest value, what float32 itself keeps of it. X is split
- * into three signed bytes, X = hi * 2^16 + mid * 2^8 + lo, and one VNNI
- * instruction multiplies 64 weights by 64 bytes and adds them four by four into
- * 32-bit lanes. Per block of 16 words (128 weights) and row, six of those and two
- * shifts (hi, then mid, then lo, Horner's way) give each word's exact integer sum
- * of q * X; it becomes a float once, times the scale of the word's group and the
- * step of its x-group:
+ * two grid of its group of 32: X = round(x / step), step = 2^(e - 23) where the
+ * group's largest |x| is below 2^e (2^(e - 22) when that largest value is within
+ * 0.4% of 2^e), so the rounding error is at most 2^-24 of 2^e: float32's own
+ * precision of the group's largest value. |X| <= TOP = 127 * (1 + 2^8 + 2^16), so
+ * X is three signed bytes, X = hi * 2^16 + mid * 2^8 + lo, and one VNNI
+ * instruction multiplies 64 weights (unsigned nibbles) by 64 such bytes and adds
+ * them four by four into 32-bit lanes. Per block of 16 words (128 weights) and
+ * row, six of those and two shifts (hi, then mid, then lo, Horner's way) give
+ * each word's exact integer sum of q * X; it becomes a float once, times the
+ * scale of the word's group and the step of its x-group:
  *
  *   y[r][n] = sum_words scale * step * (sum q * X)  +  sum_g bias[g] * xsum[g]
  *
- * where xsum, the float sums of x per weight group, are the float loops' own.
- * The integer sums are exact (a word's at most 8 * 15 * (64 * 2^16 + 2 * 127 *
- * 2^8) < 2^31), so the result differs from the exact product by the grid's
- * rounding and float32 rounding of the sums over words. A row's result is the
- * same alone or batched.
+ * where xsum are the float sums of x per weight group. The integer sums are
+ * exact (a word's is at most 8 * 15 * TOP < 2^30), so the result differs from the
+ * exact product by the grid's rounding and float32 rounding of the sums over
+ * words: measured, 1.0-1.4x the errors of the AVX-512 float loop. A row's result
+ * is the same alone or batched.
  */
 #include "qgemv.h"
 
@@ -29,6 +30,9 @@
 #define TI8 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
 enum { XGROUP = 32, BLOCK_BYTES = 384 /* 3 pieces x (even, odd) x 64 */ };
+
+/* The largest |X|: three signed bytes, 127 each. */
+#define TOP (127 * (1 + 256 + 65536))
 
 /* Blocks of 16 words (128 values): how many for k values. */
 static inline int blocks_of(int k) { return (k / 8 + 15) / 16; }
@@ -59,22 +63,21 @@ TI8 static void layout_row(int k, const float *x, int group, int8_t *xq, float *
         if (!isfinite(top)) {
             step = NAN; /* inf or nan in: nan out, as the float loops give */
         } else if (top > 0.0f) {
-            frexpf(top, &e);
+            frexpf(top, &e); /* top < 2^e */
             if (e < -100) e = -100; /* so that the step stays a normal float */
+            if (ldexpf(top, 23 - e) > (float)TOP) e++; /* three signed bytes hold TOP */
             step = ldexpf(1.0f, e - 23);
             __m512 up = _mm512_set1_ps((float)(23 - e));
             X[0] = _mm512_cvtps_epi32(_mm512_scalef_ps(a, up)); /* exact, then rounded */
             X[1] = _mm512_cvtps_epi32(_mm512_scalef_ps(b, up));
         }
-        for (int h = 0; h < 2; h++) /* U = X + 2^23 in [0, 2^24) */
-            X[h] = _mm512_add_epi32(_mm512_min_epi32(X[h], _mm512_set1_epi32((1 << 23) - 1)),
-                                    _mm512_set1_epi32(1 << 23));
         int8_t *at = xq + (long)(g / 4) * BLOCK_BYTES + (g % 4) * 16;
-        for (int p = 0; p < 3; p++) { /* hi, mid, lo bytes of U */
+        for (int p = 2; p >= 0; p--) { /* lo, mid, hi: each the rest's low byte, signed */
             __m512i piece[2];
-            for (int h = 0; h < 2; h++)
-                piece[h] = _mm512_and_si512(_mm512_srli_epi32(X[h], 8 * (2 - p)),
-                                            _mm512_set1_epi32(0xff));
+            for (int h = 0; h < 2; h++) {
+                piece[h] = _mm512_srai_epi32(_mm512_slli_epi32(X[h], 24), 24);
+                X[h] = _mm512_srai_epi32(_mm512_sub_epi32(X[h], piece[h]), 8);
+            }
             __m512i even = _mm512_permutex2var_epi32(piece[0], evens, piece[1]);
             __m512i odd = _mm512_permutex2var_epi32(piece[0], odds, piece[1]);
             _mm_storeu_si128((__m128i *)(at + p * 128), _mm512_cvtepi32_epi8(even));
@@ -89,26 +92,33 @@ TI8 static void layout_row(int k, const float *x, int group, int8_t *xq, float *
     }
 }
 
+/* `count` (1..16) scales or biases from `p` + base as floats, the other lanes 0
+ * (masked loads: nothing is read past the row's last group). */
+TI8 static inline __m512 params16(const void *p, int dtype, long base, int count) {
+    __mmask16 keep = count >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << count) - 1);
+    if (dtype == F32) return _mm512_maskz_loadu_ps(keep, (const float *)p + base);
+    __m256i h = _mm256_maskz_loadu_epi16(keep, (const uint16_t *)p + base);
+    if (dtype == F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); /* bf16 */
+}
+
 /* Blocks b..b+u-1 of one output row into `lanes` (even or odd blocks' lanes). */
 TI8 __attribute__((always_inline)) static inline void blocks_i8(
-    const int m, const int u, int b, int words, int group, int shift, const uint32_t *wn,
-    const int8_t *xq, long qstride, const float *xstep, long sstride, const float *sf,
-    __m512i word_values, __m512 *even, __m512 *odd) {
-    const __m512i low = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1);
-    __m512i lo[4], hi[4], qsum[4], acc[4][MAX_ROWS];
+    const int m, const int u, int b, int words, int shift, const uint32_t *wn,
+    const int8_t *xq, long qstride, const float *xstep, long sstride, const void *scales,
+    int dtype, long gbase, int groups, const __m512i *idx, __m512 *even, __m512 *odd) {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    __m512i lo[4], hi[4], acc[4][MAX_ROWS];
     for (int j = 0; j < u; j++) {
         int left = words - (b + j) * 16;
-        _mm_prefetch((const char *)(wn + (b + j) * 16 + PREFETCH_WORDS), _MM_HINT_T0);
+        /* non-temporal: the weights pass through once a step, and would otherwise push
+         * the KV cache and activations out of L3 (2-4% a step at the 0.6B shape) */
+        _mm_prefetch((const char *)(wn + (b + j) * 16 + PREFETCH_WORDS), _MM_HINT_NTA);
         __m512i v = left >= 16 ? _mm512_loadu_si512(wn + (b + j) * 16)
                                : _mm512_maskz_loadu_epi32((__mmask16)((1u << left) - 1),
                                                           wn + (b + j) * 16);
         lo[j] = _mm512_and_si512(v, low);
         hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-        /* each word's sum of q, times 2^23: what U's offset added */
-        qsum[j] = _mm512_slli_epi32(
-            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, lo[j]), ones,
-                                hi[j]),
-            23);
         for (int r = 0; r < m; r++) acc[j][r] = _mm512_setzero_si512();
     }
     for (int p = 0; p < 3; p++) {
@@ -118,17 +128,16 @@ TI8 __attribute__((always_inline)) static inline void blocks_i8(
         for (int j = 0; j < u; j++)
             for (int r = 0; r < m; r++) {
                 const int8_t *xb = xq + r * qstride + (long)(b + j) * BLOCK_BYTES + p * 128;
-                acc[j][r] = _mm512_dpbusd_epi32(acc[j][r], _mm512_loadu_si512(xb), lo[j]);
-                acc[j][r] = _mm512_dpbusd_epi32(acc[j][r], _mm512_loadu_si512(xb + 64), hi[j]);
+                acc[j][r] = _mm512_dpbusd_epi32(acc[j][r], lo[j], _mm512_loadu_si512(xb));
+                acc[j][r] = _mm512_dpbusd_epi32(acc[j][r], hi[j], _mm512_loadu_si512(xb + 64));
             }
     }
-    for (int j = 0; j < u; j++)
-        for (int r = 0; r < m; r++) acc[j][r] = _mm512_sub_epi32(acc[j][r], qsum[j]);
+    /* the scales of these blocks' groups (at most 16: 4 blocks of 4 groups), then
+     * each lane's by a table lookup (idx: lane by lane, group of the lane's word) */
+    int g0 = (b * 128) >> shift;
+    __m512 sc16 = params16(scales, dtype, gbase + g0, groups - g0);
     for (int j = 0; j < u; j++) {
-        int first = (b + j) * 128; /* the block's first value */
-        __m512i idx = _mm512_srli_epi32(
-            _mm512_add_epi32(word_values, _mm512_set1_epi32(first & (group - 1))), shift);
-        __m512 sc = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sf + (first >> shift)));
+        __m512 sc = _mm512_permutexvar_ps(idx[j], sc16);
         __m512 *lanes = j & 1 ? odd : even;
         for (int r = 0; r < m; r++) {
             __m512 f = _mm512_mul_ps(sc, _mm512_loadu_ps(xstep + r * sstride + (b + j) * 16));
@@ -143,37 +152,39 @@ TI8 __attribute__((always_inline)) static inline void row_i8_body(
     int ldy) {
     int words = k / 8, blocks = blocks_of(k), shift = group_shift(group), groups = k >> shift;
     const uint32_t *wn = w + (long)n * words;
-    long qstride = (long)blocks * BLOCK_BYTES, sstride = (long)blocks * 16;
-    float sf[groups + 16], bf[groups + 16];
-    params_row(scales, dtype, (long)n * groups, groups, sf);
-    params_row(biases, dtype, (long)n * groups, groups, bf);
-    for (int i = groups; i < groups + 16; i++) sf[i] = 0.0f; /* a partial block's lanes */
+    long qstride = (long)blocks * BLOCK_BYTES, sstride = (long)blocks * 16, gbase = (long)n * groups;
     __m512 lanes[MAX_ROWS], odd[MAX_ROWS];
     for (int r = 0; r < m; r++) lanes[r] = odd[r] = _mm512_setzero_ps();
-    const __m512i word_values = _mm512_mullo_epi32(
+    /* block j of four: lane l's word's group, from the first block's first group */
+    const __m512i values = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         _mm512_set1_epi32(8));
+    __m512i idx[4];
+    for (int j = 0; j < 4; j++)
+        idx[j] = _mm512_srli_epi32(_mm512_add_epi32(values, _mm512_set1_epi32(j * 128)), shift);
     const int u = m <= 2 ? 4 : m <= 4 ? 2 : 1;
     int b = 0;
     for (; b + u <= blocks; b += u) /* even blocks into lanes, odd ones into odd */
-        blocks_i8(m, u, b, words, group, shift, wn, xq, qstride, xstep, sstride, sf,
-                  word_values, b & 1 ? odd : lanes, b & 1 ? lanes : odd);
+        blocks_i8(m, u, b, words, shift, wn, xq, qstride, xstep, sstride, scales, dtype, gbase,
+                  groups, idx, b & 1 ? odd : lanes, b & 1 ? lanes : odd);
     for (; b < blocks; b++)
-        blocks_i8(m, 1, b, words, group, shift, wn, xq, qstride, xstep, sstride, sf,
-                  word_values, b & 1 ? odd : lanes, b & 1 ? odd : lanes);
+        blocks_i8(m, 1, b, words, shift, wn, xq, qstride, xstep, sstride, scales, dtype, gbase,
+                  groups, idx, b & 1 ? odd : lanes, b & 1 ? odd : lanes);
+    for (int r = 0; r < m; r++) lanes[r] = _mm512_add_ps(lanes[r], odd[r]);
+    for (int g = 0; g < groups; g += 16) { /* the biases' part */
+        __m512 bias = params16(biases, dtype, gbase + g, groups - g);
+        __mmask16 keep = groups - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (groups - g)) - 1);
+        for (int r = 0; r < m; r++)
+            lanes[r] = _mm512_fmadd_ps(bias, _mm512_maskz_loadu_ps(keep, xsum + (long)r * groups + g),
+                                       lanes[r]);
+    }
     for (int r = 0; r < m; r++) {
-        __m512 l = _mm512_add_ps(lanes[r], odd[r]);
-        const float *xs = xsum + (long)r * groups;
-        int g = 0;
-        for (; g + 16 <= groups; g += 16)
-            l = _mm512_fmadd_ps(_mm512_loadu_ps(bf + g), _mm512_loadu_ps(xs + g), l);
+        __m512 l = lanes[r];
         __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(l),
                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(l), 1)));
         __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
         __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
-        float s = _mm_cvtss_f32(h2) + _mm_cvtss_f32(_mm_shuffle_ps(h2, h2, 1));
-        for (; g < groups; g++) s += bf[g] * xs[g];
-        y[(long)r * ldy + n] = s;
+        y[(long)r * ldy + n] = _mm_cvtss_f32(h2) + _mm_cvtss_f32(_mm_shuffle_ps(h2, h2, 1));
     }
 }
 
@@ -200,10 +211,9 @@ int dnet_have_int8(void) {
            __builtin_cpu_supports("f16c");
 }
 
-int dnet_int8_qgemv(int m, int n, int k, const float *x, int ldx, const uint32_t *w,
-                    const void *scales, const void *biases, int dtype, int group, float *y,
-                    int ldy) {
-    if (!dnet_have_int8()) return -1;
+int dnet_int8_many(int m, int k, const float *x, int ldx, int dtype, int group,
+                   const dnet_qpart *parts, int count) {
+    if (!dnet_have_int8() || count < 1 || count > MAX_PARTS) return -1;
     int blocks = blocks_of(k), groups = k / group;
     size_t qbytes = (size_t)m * blocks * BLOCK_BYTES;
     size_t floats = (size_t)m * blocks * 16 + (size_t)m * groups;
@@ -213,18 +223,25 @@ int dnet_int8_qgemv(int m, int n, int k, const float *x, int ldx, const uint32_t
     for (int r = 0; r < m; r++)
         layout_row(k, x + (long)r * ldx, group, xq + (long)r * blocks * BLOCK_BYTES,
                    xstep + (long)r * blocks * 16, xsum + (long)r * groups);
-    long work = (long)n * k;
+    /* The parts' rows as one range, split among the threads once. */
+    int end[MAX_PARTS], total = 0;
+    for (int i = 0; i < count; i++) end[i] = total += parts[i].n;
+    long work = (long)total * k;
 #pragma omp parallel for schedule(static) if (work >= 262144)
-    for (int j = 0; j < n; j++)
-        ROWS_I8[m - 1](j, k, xq, xstep, xsum, w, scales, biases, dtype, group, y, ldy);
+    for (int j = 0; j < total; j++) {
+        int i = 0;
+        while (j >= end[i]) i++;
+        const dnet_qpart *p = &parts[i];
+        ROWS_I8[m - 1](j - (end[i] - p->n), k, xq, xstep, xsum, p->w, p->scales, p->biases,
+                       dtype, group, p->y, p->ldy);
+    }
     free(xq);
     return 0;
 }
 #else
 int dnet_have_int8(void) { return 0; }
-int dnet_int8_qgemv(int m, int n, int k, const float *x, int ldx, const uint32_t *w,
-                    const void *scales, const void *biases, int dtype, int group, float *y,
-                    int ldy) {
+int dnet_int8_many(int m, int k, const float *x, int ldx, int dtype, int group,
+                   const dnet_qpart *parts, int count) {
     return -1;
 }
 #endif
