@@ -44,6 +44,7 @@ MAX_ROWS = 8
 _SOURCE = Path(__file__).parent / "native" / "qgemv.c"
 _DECODE = Path(__file__).parent / "native" / "decode.c"  # the fused step (dnet.runtime.fused)
 _INT8 = Path(__file__).parent / "native" / "qgemv_int8.c"  # 4-bit by VNNI
+_ATTENTION = Path(__file__).parent / "native" / "attention.c"  # the fused step's
 _DTYPES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 _lib: Any = None
 
@@ -55,7 +56,7 @@ def configure(cache_dir: Path | None, enabled: bool = True) -> bool:
     if not enabled or cache_dir is None:
         _lib = None
         return False
-    path = build_native(_SOURCE, cache_dir, ["-lm"], also=(_DECODE, _INT8))
+    path = build_native(_SOURCE, cache_dir, ["-lm"], also=(_DECODE, _INT8, _ATTENTION))
     if path is None:
         log.info("no C compiler: quantized products stay on MLX")
         _lib = None

@@ -73,6 +73,25 @@ def _assert_caches_close(mine, theirs):
     ],
 )
 def test_a_fused_step_computes_what_the_mlx_layers_compute(tiny_model, arch, bits, group, hidden):
+    _check_against_mlx(tiny_model, arch, bits, group, hidden)
+
+
+LEVELS = list(reversed(range(len(qgemv.LOOPS))))  # every loop of the kernel, best first
+
+
+@pytest.mark.parametrize("vectors", LEVELS[1:], ids=list(reversed(qgemv.LOOPS))[1:])
+def test_the_fused_step_in_every_loop(tiny_model, vectors):
+    """The products' other loops, and the portable attention with them (the best
+    loop runs everywhere above)."""
+    qgemv.use_vectors(vectors)
+    try:
+        _check_against_mlx(tiny_model, "qwen3", 4, 32, 256)
+        _check_against_mlx(tiny_model, "qwen2", 8, 32, 64)
+    finally:
+        qgemv.use_vectors(LEVELS[0])
+
+
+def _check_against_mlx(tiny_model, arch, bits, group, hidden):
     # A middle slice (hidden states in and out) and a last one (logits out).
     for start, end in ((1, 3), (0, None)):
         owned = _slice(tiny_model, arch, bits, group, start, end, hidden=hidden)

@@ -114,55 +114,9 @@ static void rope(float *x, int dims, int traditional, const float *cs, const flo
     }
 }
 
-/* A dot product of n values in eight running sums (so the compiler can keep them
- * in one vector), added in a fixed order. */
-static inline float dot(const float *a, const float *b, int n) {
-    float part[8] = {0};
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) part[j] += a[i + j] * b[i + j];
-    float s = ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-/* The `n` query heads of one row that share a key/value head (adjacent in q and
- * out, `d` apart): out_h = softmax(q_h.K^T * scale) V over slots [first, last].
- * Each key and value row is read once for all of them (at 400 positions, reading
- * them once per query head doubled Qwen3-0.6B's cache traffic). p holds n rows of
- * last - first + 1 scores. Each head's sums are in the same order as alone. */
-static void attend(const float *q, int n, const float *keys, int64_t kt, const float *values,
-                   int64_t vt, int first, int last, int d, float scale, float *p, float *out) {
-    int span = last - first + 1;
-    float qs[n * d], top[n], sum[n];
-    for (int i = 0; i < n * d; i++) qs[i] = q[i] * scale;
-    for (int h = 0; h < n; h++) top[h] = -INFINITY;
-    for (int t = first; t <= last; t++) {
-        const float *kr = keys + t * kt;
-        for (int h = 0; h < n; h++) {
-            float sc = dot(qs + h * d, kr, d);
-            p[h * span + t - first] = sc;
-            if (sc > top[h]) top[h] = sc;
-        }
-    }
-    for (int h = 0; h < n; h++) {
-        float total = 0.0f;
-        for (int t = 0; t < span; t++) {
-            p[h * span + t] = expf(p[h * span + t] - top[h]);
-            total += p[h * span + t];
-        }
-        sum[h] = total;
-    }
-    for (int i = 0; i < n * d; i++) out[i] = 0.0f;
-    for (int t = 0; t < span; t++) {
-        const float *restrict vr = values + (first + t) * vt;
-        for (int h = 0; h < n; h++) {
-            float w = p[h * span + t] / sum[h];
-            float *restrict o = out + h * d;
-            for (int i = 0; i < d; i++) o[i] += w * vr[i];
-        }
-    }
-}
+/* attention.c */
+void dnet_attend(const float *q, int n, const float *keys, int64_t kt, const float *values,
+                 int64_t vt, int first, int last, int d, float scale, float *p, float *out);
 
 typedef struct {
     float *h, *q, *k, *v, *a, *g, *u, *p;
@@ -210,7 +164,7 @@ static int attention_block(const dnet_shape *s, const dnet_layer *l, const dnet_
     for (int rg = 0; rg < rows * s->kv_heads; rg++) {
         int r = rg / s->kv_heads, g = rg % s->kv_heads, h = g * group;
         long b = at->batch[r];
-        attend(w->q + (long)r * hq + h * hd, group, kv->keys + b * kv->kb + g * kv->kh, kv->kt,
+        dnet_attend(w->q + (long)r * hq + h * hd, group, kv->keys + b * kv->kb + g * kv->kh, kv->kt,
                kv->values + b * kv->vb + g * kv->vh, kv->vt, at->first[r], at->slot[r], hd,
                s->scale, w->p + ((long)r * s->heads + h) * span, w->a + (long)r * hq + h * hd);
     }

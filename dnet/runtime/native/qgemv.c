@@ -347,6 +347,7 @@ void dnet_qgemv_use_vectors(int want) {
     int best = best_level();
     level = want < best ? want : best;
     if (level == 1 && !have_avx2()) level = 0;
+    dnet_attend_use_wide(level >= 2); /* the fused step's attention, alike */
 }
 
 /* y = x . W^T. Returns 0, or -1 for arguments it does not take. */

@@ -98,4 +98,5 @@ int dnet_int8_many(int m, int k, const float *x, int ldx, int dtype, int group,
 int dnet_qgemv_many(int m, int k, const float *x, int ldx, int dtype, int bits, int group,
                     const dnet_qpart *parts, int count);
 int dnet_have_int8(void);
+void dnet_attend_use_wide(int on); /* attention.c */
 #endif
