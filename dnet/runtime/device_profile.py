@@ -234,7 +234,8 @@ def _cache_key(dtype: str, hidden: int, bits: int = 0) -> str:
             dtype,
             str(hidden),
             "columns",  # the weight layout measured (bumped when it changes)
-            *([f"q{bits}", "fused-kernel-f16" if _quant_kernel() else "mlx"] if bits else []),
+            # the loop measured: re-measured when the kernel gains one (v2: int8 loop)
+            *([f"q{bits}", _quant_loop()] if bits else []),
         ]
     )
 
@@ -243,6 +244,12 @@ def _quant_kernel() -> bool:
     from dnet.runtime import qgemv
 
     return qgemv.enabled()
+
+
+def _quant_loop() -> str:
+    from dnet.runtime import qgemv
+
+    return f"fused-{qgemv.vectorized()}-v2" if qgemv.enabled() else "mlx"
 
 
 def cached_rates(
