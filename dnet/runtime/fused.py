@@ -217,7 +217,7 @@ class FusedDecode:
                 return None
         return cls(layers, checked)
 
-    def __call__(self, h: mx.array, caches: list[Any]) -> np.ndarray | None:
+    def __call__(self, h: mx.array | np.ndarray, caches: list[Any]) -> np.ndarray | None:
         """Hidden states ``[batch, tokens, hidden]`` through every layer (returned
         as ``[batch * tokens, hidden]`` on the host): a decode step of one or more
         requests (one token each), or a short prefill chunk of one request. None
@@ -229,8 +229,11 @@ class FusedDecode:
         batch, slots, first, positions = where
         most = max(slots)
         kv = (_KV * len(caches))(*(self._own(c, most, h.shape[0]) for c in caches))
-        x = np.array(h.astype(mx.float32) if h.dtype != mx.float32 else h, dtype=np.float32)
-        x = np.ascontiguousarray(x.reshape(len(positions), -1))
+        if isinstance(h, np.ndarray):
+            x = np.ascontiguousarray(h, dtype=np.float32).reshape(len(positions), -1)
+        else:
+            x = np.array(h.astype(mx.float32) if h.dtype != mx.float32 else h, dtype=np.float32)
+            x = np.ascontiguousarray(x.reshape(len(positions), -1))
         cos, sin = self.rope.rows(positions)
         rows = [np.asarray(a, dtype=np.int32) for a in (batch, slots, first)]
         status = qgemv.library().dnet_decode_layers(
@@ -260,6 +263,30 @@ class FusedDecode:
         struct = _KV(int(k.ctypes.data), int(v.ctypes.data), *_strides(k), *_strides(v))
         c._dnet_kv = (keys, values, struct)
         return struct
+
+
+def embed_on_host(embed: nn.Module, ids: mx.array) -> np.ndarray | None:
+    """The first slice's hidden states for token ids ``ids`` ``[batch, tokens]``
+    from a quantized table, on the host and in float32: bit for bit MLX's
+    ``dequantize``, which computes ``scale * q + bias`` in the scales' type (numpy's
+    float16 products and sums round as MLX's do; checked on 20,000 rows of the
+    0.6B shape's table). MLX took ~0.3 ms a step for it (a sync with its stream).
+    None for other tables, and for bfloat16 scales (numpy has none)."""
+    if type(embed) not in (qgemv.FastQuantizedEmbedding, nn.QuantizedEmbedding):
+        return None
+    if getattr(embed, "mode", "affine") != "affine" or embed["scales"].dtype not in (
+        mx.float16,
+        mx.float32,
+    ):
+        return None
+    w, scales, biases = qgemv._packed_for(embed).views
+    flat = np.asarray(ids).reshape(-1)
+    bits, group = int(embed.bits), int(embed.group_size)
+    shifts = np.arange(0, 32, bits, dtype=np.uint32)
+    q = (w[flat][:, :, None] >> shifts) & np.uint32((1 << bits) - 1)
+    q = q.reshape(len(flat), -1, group).astype(scales.dtype)
+    rows = q * scales[flat][:, :, None] + biases[flat][:, :, None]
+    return rows.reshape(*ids.shape, -1).astype(np.float32)
 
 
 def output_head(x: np.ndarray, norm: nn.Module, head: nn.Module) -> mx.array | None:

@@ -37,7 +37,7 @@ from dnet.runtime.arrays import dtype_name
 from dnet.runtime.blas import skinny_products_tuned
 from dnet.runtime.device_profile import release_memory
 from dnet.runtime.embedding import FileEmbedding
-from dnet.runtime.fused import FusedDecode, output_head
+from dnet.runtime.fused import FusedDecode, embed_on_host, output_head
 from dnet.runtime.layout import columns_layouts
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,10 @@ class LayerSlice:
         """Run the slice lazily. Returns hidden states ``[B, T, H]``, or on the last
         slice the logits of the last position ``[B, vocab]``."""
         if self.fused_takes(x):
-            h = self.embed(x) if self.embed is not None and self.is_first else x
+            h: mx.array | np.ndarray = x
+            if self.embed is not None and self.is_first:
+                rows = embed_on_host(self.embed, x)
+                h = self.embed(x) if rows is None else rows
             out = self.run_fused(h, cache)
             if out is not None:
                 return out
@@ -147,7 +150,7 @@ class LayerSlice:
             x.shape[1] == 1 or (x.shape[0] == 1 and x.shape[1] <= FUSED_TOKENS)
         )
 
-    def run_fused(self, h: mx.array, cache: list[Any]) -> mx.array | None:
+    def run_fused(self, h: mx.array | np.ndarray, cache: list[Any]) -> mx.array | None:
         """``finish(run_layers(...))`` of hidden states ``h`` by the fused step, or
         None when it does not take these caches."""
         assert self.fused is not None

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm.models.cache import BatchKVCache
 
 from dnet.runtime import qgemv
+from dnet.runtime.fused import embed_on_host
 from dnet.runtime.slice import load_slice
 
 
@@ -198,3 +200,20 @@ def test_greedy_tokens_equal_mlx_lm(tiny_model, arch, bits, group):
             got.append(int(token.item()))
             logits = owned(token[:, None], cache)
         assert got == want
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32, mx.bfloat16])
+def test_a_quantized_embedding_on_the_host_is_mlx_s_bit_for_bit(bits, dtype):
+    table = nn.Embedding(300, 96)
+    table.weight = (mx.random.normal((300, 96), key=mx.random.key(bits)) * 3).astype(dtype)
+    quantized = nn.QuantizedEmbedding.from_embedding(table, group_size=32, bits=bits)
+    ids = mx.array([[0, 299, 17, 17, 150]])
+    rows = embed_on_host(quantized, ids)
+    if dtype == mx.bfloat16:  # numpy has no bfloat16: MLX embeds
+        assert rows is None
+        return
+    want = np.array(quantized(ids).astype(mx.float32))
+    assert rows is not None and rows.dtype == np.float32
+    assert np.array_equal(rows, want)
+    assert embed_on_host(table, ids) is None  # not quantized: MLX's own lookup
