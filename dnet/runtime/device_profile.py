@@ -240,12 +240,6 @@ def _cache_key(dtype: str, hidden: int, bits: int = 0) -> str:
     )
 
 
-def _quant_kernel() -> bool:
-    from dnet.runtime import qgemv
-
-    return qgemv.enabled()
-
-
 def _quant_loop() -> str:
     from dnet.runtime import qgemv
 

@@ -23,6 +23,40 @@
  */
 #include "qgemv.h"
 
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) {
+                man <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float param(const void *p, int dtype, long i) {
+    if (dtype == F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    if (dtype == F16) return half_to_float(h);
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
 /* Values per word, and of those, which x each multiplies once laid out. */
 static inline int per_word(int bits) { return 32 / bits; }
 
@@ -87,6 +121,21 @@ static void row_scalar(int m, int n, int k, const float *xl, const float *xsum,
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+
+/* A row's scales or biases as float32, eight at a time where the type allows. */
+__attribute__((target("avx2,fma,f16c"))) static inline void params_row(
+    const void *p, int dtype, long base, int count, float *out) {
+    int i = 0;
+    if (dtype == F32) {
+        memcpy(out, (const float *)p + base, sizeof(float) * count);
+        return;
+    }
+    if (dtype == F16)
+        for (; i + 8 <= count; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                          (const __m128i *)((const uint16_t *)p + base + i))));
+    for (; i < count; i++) out[i] = param(p, dtype, base + i);
+}
 
 /* The scale of each lane's word in the block starting at word `first`: one scale
  * for the block (a group is 8 or more words) or two (4-bit values in groups of 32). */

@@ -1,5 +1,6 @@
-/* What the quantized kernel's C files share (qgemv.c, qgemv_int8.c): sizes, the
- * scale types, and reading scales and biases as float32. */
+/* What the quantized kernel's C files share (qgemv.c, qgemv_int8.c, decode.c,
+ * attention.c): sizes, the scale types, group shifts, and the entry points they
+ * call in one another. */
 #ifndef DNET_QGEMV_H
 #define DNET_QGEMV_H
 #include <stdint.h>
@@ -18,56 +19,7 @@ enum { MAX_ROWS = 8, F32 = 0, F16 = 1, BF16 = 2 };
 #define PREFETCH_WORDS 512
 #endif
 
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-    uint32_t bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { /* subnormal: normalise */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) {
-                man <<= 1;
-                exp--;
-            }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000 | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline float param(const void *p, int dtype, long i) {
-    if (dtype == F32) return ((const float *)p)[i];
-    uint16_t h = ((const uint16_t *)p)[i];
-    if (dtype == F16) return half_to_float(h);
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 #if defined(__x86_64__)
-/* A row's scales or biases as float32, eight at a time where the type allows. */
-__attribute__((target("avx2,fma,f16c"))) static inline void params_row(
-    const void *p, int dtype, long base, int count, float *out) {
-    int i = 0;
-    if (dtype == F32) {
-        memcpy(out, (const float *)p + base, sizeof(float) * count);
-        return;
-    }
-    if (dtype == F16)
-        for (; i + 8 <= count; i += 8)
-            _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(
-                                          (const __m128i *)((const uint16_t *)p + base + i))));
-    for (; i < count; i++) out[i] = param(p, dtype, base + i);
-}
-
 /* log2 of a group size (32, 64 or 128): groups are found by shifts, not by
  * divisions, which cost tens of cycles a block. */
 static inline int group_shift(int group) { return group == 32 ? 5 : group == 64 ? 6 : 7; }
